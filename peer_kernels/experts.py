@@ -1,0 +1,187 @@
+"""peer_experts: launchers of the expert kernels (csrc_triton/peer_experts_{fwd,bwd}.py),
+their registered torch ops with autograd, and the public function.
+
+Chain: peer_experts_fwd_kernel -> _launch_fwd -> peer_kernels::peer_experts (custom op,
+backward peer_kernels::peer_experts_backward -> peer_experts_bwd_*_kernel)
+-> peer_experts() -> PEER.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import reference
+from .checks import check_expert_args, check_index_range, resolve_backend
+from .csrc_triton.activations import ACT_CODES
+from .csrc_triton.peer_experts_bwd import peer_experts_bwd_tables_kernel, peer_experts_bwd_token_kernel
+from .csrc_triton.peer_experts_fwd import peer_experts_fwd_kernel
+
+__all__ = ["peer_experts", "BACKWARD_MODES"]
+
+BACKWARD_MODES = ("sorted", "atomic")
+DEFAULT_BACKWARD = "sorted"
+
+
+def _tile_config(d: int):
+    """(D_PAD, BLOCK_S, num_warps): about 8K elements per gathered tile."""
+    d_pad = max(16, triton.next_power_of_2(d))
+    block_s = max(1, min(16, 8192 // d_pad))
+    num_warps = 4 if d_pad <= 1024 else 8
+    return d_pad, block_s, num_warps
+
+
+def _launch_fwd(x, idx, gates, down, up, activation):
+    """x [T, D], idx/gates [T, HK] -> y [T, D] (x's dtype), pre [T, HK] fp32."""
+    t, d = x.shape
+    hk = idx.shape[1]
+    y = torch.empty_like(x)
+    pre = torch.empty((t, hk), device=x.device, dtype=torch.float32)
+    if t > 0:
+        d_pad, block_s, warps = _tile_config(d)
+        peer_experts_fwd_kernel[(t,)](
+            x, idx, gates, down, up, y, pre,
+            D=d, D_PAD=d_pad, HK=hk, BLOCK_S=block_s, ACT=ACT_CODES[activation], num_warps=warps,
+        )
+    return y, pre
+
+
+def _sorted_slots(idx: torch.Tensor, num_rows: int):
+    """(order, offsets): flat slots t*HK+s sorted by expert id (stable), CSR offsets [N+1]."""
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_rows)
+    offsets = torch.zeros(num_rows + 1, device=idx.device, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return order, offsets
+
+
+def _launch_bwd(dy, x, idx, gates, down, up, pre, activation, mode):
+    t, d = x.shape
+    hk = idx.shape[1]
+    n_rows = down.shape[0]
+    d_pad, block_s, warps = _tile_config(d)
+    act = ACT_CODES[activation]
+    dx = torch.empty_like(x)
+    dgates = torch.empty_like(gates)
+    if mode == "atomic":
+        acc_dtype = torch.float32
+        ddown = torch.zeros(down.shape, device=down.device, dtype=acc_dtype)
+        dup = torch.zeros(up.shape, device=up.device, dtype=acc_dtype)
+        if t > 0:
+            peer_experts_bwd_token_kernel[(t,)](
+                dy, x, idx, gates, pre, down, up, dx, dgates, pre, pre, ddown, dup,
+                D=d, D_PAD=d_pad, HK=hk, BLOCK_S=block_s, ACT=act, ATOMIC=True, num_warps=warps,
+            )
+        return dx, dgates, ddown.to(down.dtype), dup.to(up.dtype)
+    dh = torch.empty((t, hk), device=x.device, dtype=torch.float32)
+    coef = torch.empty((t, hk), device=x.device, dtype=torch.float32)
+    ddown = torch.empty_like(down)
+    dup = torch.empty_like(up)
+    if t > 0:
+        peer_experts_bwd_token_kernel[(t,)](
+            dy, x, idx, gates, pre, down, up, dx, dgates, dh, coef, ddown, dup,
+            D=d, D_PAD=d_pad, HK=hk, BLOCK_S=block_s, ACT=act, ATOMIC=False, num_warps=warps,
+        )
+    order, offsets = _sorted_slots(idx, n_rows)
+    rows = 4
+    peer_experts_bwd_tables_kernel[(triton.cdiv(n_rows, rows),)](
+        order, offsets, x, dy, dh, coef, ddown, dup, n_rows,
+        D=d, D_PAD=d_pad, HK=hk, ROWS=rows, BLOCK_J=4, num_warps=warps,
+    )
+    return dx, dgates, ddown, dup
+
+
+# ---- registered ops ---------------------------------------------------------------
+
+@torch.library.custom_op("peer_kernels::peer_experts", mutates_args=())
+def _experts_op(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+                activation: str, backward_mode: str, validate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, D], indices/gates [T, HK] -> (y [T, D], pre-activations [T, HK] fp32)."""
+    if validate:
+        check_index_range(indices, down.shape[0])
+    return _launch_fwd(x.contiguous(), indices.contiguous(), gates.contiguous(), down.contiguous(),
+                       up.contiguous(), activation)
+
+
+@_experts_op.register_fake
+def _(x, indices, gates, down, up, activation, backward_mode, validate):
+    return torch.empty_like(x), x.new_empty(indices.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("peer_kernels::peer_experts_backward", mutates_args=())
+def _experts_bwd_op(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor,
+                    down: torch.Tensor, up: torch.Tensor, pre: torch.Tensor, activation: str,
+                    backward_mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_bwd(dy.contiguous(), x.contiguous(), indices.contiguous(), gates.contiguous(),
+                       down.contiguous(), up.contiguous(), pre.contiguous(), activation, backward_mode)
+
+
+@_experts_bwd_op.register_fake
+def _(dy, x, indices, gates, down, up, pre, activation, backward_mode):
+    return torch.empty_like(x), torch.empty_like(gates), torch.empty_like(down), torch.empty_like(up)
+
+
+def _setup_context(ctx, inputs, output):
+    x, indices, gates, down, up, activation, backward_mode, _ = inputs
+    ctx.save_for_backward(x, indices, gates, down, up, output[1])
+    ctx.activation = activation
+    ctx.backward_mode = backward_mode
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, dy, _dpre):
+    x, indices, gates, down, up, pre = ctx.saved_tensors
+    dx, dgates, ddown, dup = _experts_bwd_op(dy, x, indices, gates, down, up, pre, ctx.activation,
+                                             ctx.backward_mode)
+    return dx, None, dgates, ddown, dup, None, None, None
+
+
+_experts_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public function --------------------------------------------------------------
+
+def peer_experts(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, down: torch.Tensor,
+                 up: torch.Tensor, *, activation: str = "gelu", backend: str = "auto",
+                 deterministic: bool | None = None, backward: str | None = None, validate: bool = True):
+    """The PEER expert mix: y = sum_{h,j} gates * act(down[idx] . x) * up[idx].
+
+    Args:
+        x: [..., D] float32 / float16 / bfloat16 (float64: torch backend).
+        indices: [..., H, k] int32 or int64 expert ids in [0, N).
+        gates: [..., H, k] float.
+        down, up: [N, D] expert tables (same dtype; may differ from x's, e.g. fp32
+            master weights under autocast; their gradients come back in their dtype).
+        activation: "gelu" (erf), "relu", "silu" or "identity".
+        backend: "auto" (Triton on CUDA, reference elsewhere), "triton" or "torch".
+        deterministic: bitwise-reproducible table gradients. None: follows
+            torch.are_deterministic_algorithms_enabled(). The default backward
+            ("sorted") is deterministic already; see `backward`.
+        backward: "sorted" (default: pairs sorted by expert id, one program owns each
+            table row, no atomics, no scratch tables) or "atomic" (fp32 atomics into
+            fp32 scratch tables of N x D each, then cast; non-deterministic, more memory).
+            deterministic=True refuses "atomic".
+        validate: check that every index is in [0, N) (one reduction and a host sync,
+            skipped during CUDA-graph capture). Out-of-range ids raise IndexError.
+
+    Returns y [..., D] in x's dtype (fp32 accumulation). Gradients to x, gates, down, up.
+    Saves only O(tokens * H * k) values for the backward (ids, gates, pre-activations).
+    """
+    check_expert_args(x, indices, gates, down, up, activation)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    mode = DEFAULT_BACKWARD if backward is None else backward
+    if mode not in BACKWARD_MODES:
+        raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {backward!r}")
+    if deterministic and mode == "atomic":
+        raise ValueError("backward='atomic' is not deterministic; use backward='sorted' with deterministic=True")
+    kernel_ok = all(t.dtype != torch.float64 for t in (x, gates, down, up))
+    if resolve_backend(backend, x.device, kernel_ok) == "torch":
+        if validate:
+            check_index_range(indices, down.shape[0])
+        return reference.peer_experts(x, indices, gates, down, up, activation)
+    lead = x.shape[:-1]
+    hk = indices.shape[-2] * indices.shape[-1]
+    y, _ = _experts_op(x.reshape(-1, x.shape[-1]), indices.reshape(-1, hk), gates.reshape(-1, hk), down, up,
+                       activation, mode, validate)
+    return y.reshape(*lead, x.shape[-1])

@@ -1,0 +1,160 @@
+"""product_key_topk: launchers of the retrieval kernels (csrc_triton/product_key_topk.py),
+their registered torch ops with autograd, and the public function.
+
+Chain: pk_topk_fwd_kernel -> _launch_fwd -> peer_kernels::product_key_topk (custom op,
+backward peer_kernels::product_key_topk_backward) -> product_key_topk() -> PEER.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import reference
+from .checks import check_product_key_args, interpreting, resolve_backend
+from .csrc_triton import product_key_topk as kernels
+
+__all__ = ["product_key_topk"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _pow2(x: int, lo: int = 1) -> int:
+    return max(lo, triton.next_power_of_2(x))
+
+
+def _dot_config(query: torch.Tensor, sub_keys: torch.Tensor):
+    """(UPCAST, PRECISION) for the score products. Same half dtype on a GPU: native
+    tensor-core dot (exact products, fp32 accumulation). Anything with fp32: fp32
+    'ieee' so the ids match an fp32 reference. The interpreter cannot do half dots."""
+    same_half = query.dtype in _HALF and sub_keys.dtype == query.dtype
+    if same_half and not interpreting():
+        return False, "tf32"
+    return True, ("tf32" if same_half else "ieee")
+
+
+def _launch_fwd(query: torch.Tensor, sub_keys: torch.Tensor, k: int, candidates: int):
+    heads, dk = query.shape[-2], query.shape[-1]
+    q = query.reshape(-1, heads, dk)
+    m = q.shape[0]
+    n = sub_keys.shape[-2]
+    scores = torch.empty((m, heads, k), device=query.device, dtype=torch.float32)
+    ids = torch.empty((m, heads, k), device=query.device, dtype=torch.int64)
+    if m > 0:
+        kp = _pow2(candidates, 2)
+        upcast, precision = _dot_config(query, sub_keys)
+        block_m = 16
+        block_n = min(128, _pow2(n, 16)) if kp <= 32 else min(64, _pow2(n, 16))
+        grid = (triton.cdiv(m, block_m), heads)
+        kernels.pk_topk_fwd_kernel[grid](
+            q, sub_keys, scores, ids, m, n, heads,
+            DK=dk, DH_PAD=_pow2(dk // 2, 16), PER_HEAD=sub_keys.dim() == 4,
+            K=k, K_PAD=_pow2(k, 2), CAND=candidates, KP=kp,
+            BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=upcast, PRECISION=precision,
+            num_warps=4,
+        )
+    return scores.reshape(*query.shape[:-1], k), ids.reshape(*query.shape[:-1], k)
+
+
+def _launch_bwd(grad_scores, query, sub_keys, ids):
+    heads, dk = query.shape[-2], query.shape[-1]
+    k = ids.shape[-1]
+    q = query.reshape(-1, heads, dk)
+    g = grad_scores.reshape(-1, heads, k).contiguous().float()
+    e = ids.reshape(-1, heads, k).contiguous()
+    m = q.shape[0]
+    n = sub_keys.shape[-2]
+    dh_pad = _pow2(dk // 2, 16)
+    dq = torch.empty_like(q)
+    per_head = sub_keys.dim() == 4
+    num_sets = heads if per_head else 1
+    if m == 0:
+        return dq.reshape(query.shape), torch.zeros_like(sub_keys)
+    block_m = 16
+    kernels.pk_topk_bwd_query_kernel[(triton.cdiv(m, block_m), heads)](
+        g, e, sub_keys, dq, m, n, heads,
+        DK=dk, DH_PAD=dh_pad, PER_HEAD=per_head, K=k, K_PAD=_pow2(k, 2), BLOCK_M=block_m, num_warps=4,
+    )
+    # dC: split the rows so that the grid fills the GPU; partial sums added in a fixed order
+    block_n = min(64, _pow2(n, 16))
+    rows = m if per_head else m * heads
+    tiles = triton.cdiv(n, block_n) * 2 * num_sets
+    splits = max(1, min(triton.cdiv(264, tiles), triton.cdiv(rows, 256)))
+    rows_per_split = triton.cdiv(rows, splits)
+    part = torch.empty((splits, num_sets, 2, n, dk // 2), device=query.device, dtype=torch.float32)
+    precision = "ieee" if (query.dtype == torch.float32 or interpreting()) else "tf32"
+    kernels.pk_topk_bwd_keys_kernel[(triton.cdiv(n, block_n), 2 * num_sets, splits)](
+        g, e, q, part, m, n, heads, rows_per_split,
+        DK=dk, DH_PAD=dh_pad, PER_HEAD=per_head, K=k, BLOCK_M=32, BLOCK_N=block_n, PRECISION=precision,
+        num_warps=4,
+    )
+    dkeys = part.sum(0) if splits > 1 else part[0]
+    dkeys = dkeys.reshape(sub_keys.shape).to(sub_keys.dtype)
+    return dq.reshape(query.shape), dkeys
+
+
+# ---- registered ops ---------------------------------------------------------------
+
+@torch.library.custom_op("peer_kernels::product_key_topk", mutates_args=())
+def _pk_topk_op(query: torch.Tensor, sub_keys: torch.Tensor, k: int, candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_fwd(query.contiguous(), sub_keys.contiguous(), k, candidates)
+
+
+@_pk_topk_op.register_fake
+def _(query, sub_keys, k, candidates):
+    shape = (*query.shape[:-1], k)
+    return query.new_empty(shape, dtype=torch.float32), query.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("peer_kernels::product_key_topk_backward", mutates_args=())
+def _pk_topk_bwd_op(grad_scores: torch.Tensor, query: torch.Tensor, sub_keys: torch.Tensor,
+                    ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_bwd(grad_scores.contiguous(), query.contiguous(), sub_keys.contiguous(), ids.contiguous())
+
+
+@_pk_topk_bwd_op.register_fake
+def _(grad_scores, query, sub_keys, ids):
+    return torch.empty_like(query), torch.empty_like(sub_keys)
+
+
+def _setup_context(ctx, inputs, output):
+    query, sub_keys, _, _ = inputs
+    ctx.save_for_backward(query, sub_keys, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_scores, _grad_ids):
+    query, sub_keys, ids = ctx.saved_tensors
+    if grad_scores is None:
+        return None, None, None, None
+    dq, dkeys = _pk_topk_bwd_op(grad_scores, query, sub_keys, ids)
+    return dq, dkeys, None, None
+
+
+_pk_topk_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public function --------------------------------------------------------------
+
+def product_key_topk(query: torch.Tensor, sub_keys: torch.Tensor, k: int, *, candidates: int | None = None,
+                     backend: str = "auto"):
+    """Product-key top-k retrieval (He 2024), per head.
+
+    Args:
+        query: [..., H, Dk] float32 / float16 / bfloat16 (float64: torch backend), Dk even.
+        sub_keys: [H, 2, n, Dk//2] (one set per head) or [2, n, Dk//2] (shared by all heads).
+        k: experts to keep per head (1 <= k <= candidates**2).
+        candidates: sub-keys kept per half before pairing (default k; k <= candidates**2,
+            candidates <= n). With candidates >= k the result is the exact top-k over all
+            n*n keys [c1_i ; c2_j].
+        backend: "auto" (Triton on CUDA, reference elsewhere), "triton" or "torch".
+
+    Returns:
+        scores [..., H, k] float32, sorted descending: q1.c1_i + q2.c2_j.
+        indices [..., H, k] int64, index = i * n + j.
+        Gradients flow to query and sub_keys through scores (deterministic kernels).
+    """
+    candidates = check_product_key_args(query, sub_keys, k, candidates)
+    kernel_ok = query.dtype != torch.float64 and sub_keys.dtype != torch.float64
+    if resolve_backend(backend, query.device, kernel_ok) == "torch":
+        return reference.product_key_topk(query, sub_keys, k, candidates)
+    return _pk_topk_op(query, sub_keys, k, candidates)
