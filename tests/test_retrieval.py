@@ -1,0 +1,239 @@
+"""product_key_topk: the Triton kernels (interpreter on CPU, real on GPU) against the
+reference and the brute force over all n*n keys, forward and both gradients."""
+import pytest
+import torch
+
+import peer_kernels as pk
+from peer_kernels import reference as ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _inputs(lead, heads, n, dk, shared, qdtype, kdtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(*lead, heads, dk, generator=g).to(device=device, dtype=qdtype)
+    shape = (2, n, dk // 2) if shared else (heads, 2, n, dk // 2)
+    keys = torch.randn(*shape, generator=g).to(device=device, dtype=kdtype)
+    return q, keys
+
+
+def assert_topk_match(s, i, s_ref, i_ref, tol):
+    """Scores within tol; ids equal wherever the reference scores are separated by more
+    than tol from their neighbours (near-ties may legitimately swap)."""
+    assert s.dtype == torch.float32 and i.dtype == torch.int64
+    assert s.shape == s_ref.shape and i.shape == i_ref.shape
+    assert torch.isfinite(s).all()
+    torch.testing.assert_close(s, s_ref.float(), atol=tol, rtol=0)
+    assert (s[..., :-1] >= s[..., 1:]).all(), "scores not sorted descending"
+    gap = torch.full_like(s_ref, float("inf"))
+    d = (s_ref[..., 1:] - s_ref[..., :-1]).abs()
+    gap[..., 1:] = torch.minimum(gap[..., 1:], d)
+    gap[..., :-1] = torch.minimum(gap[..., :-1], d)
+    gap[..., -1] = 0  # the k-th may tie with the (k+1)-th, which we do not see
+    clear = gap > tol
+    assert torch.equal(i[clear], i_ref[clear].to(i.dtype))
+
+
+CASES = [
+    # lead, heads, n, dk, k, candidates
+    ((1,), 2, 16, 16, 4, 4),
+    ((7,), 3, 37, 20, 5, 5),
+    ((63,), 1, 64, 32, 8, 12),
+    ((2, 5), 2, 33, 16, 1, 3),
+    ((3,), 2, 24, 16, 9, 3),  # k = candidates^2
+]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_forward_fp32_matches_reference_and_brute_force(case, shared, device):
+    lead, heads, n, dk, k, cand = case
+    q, keys = _inputs(lead, heads, n, dk, shared, torch.float32, torch.float32, device)
+    s, i = pk.product_key_topk(q, keys, k, candidates=cand, backend="triton")
+    s_ref, i_ref = ref.product_key_topk(q, keys, k, cand)
+    assert s.shape == (*lead, heads, k)
+    assert torch.equal(i, i_ref), "random fp32 data: ids must match the reference exactly"
+    torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-5)
+    if cand >= k:  # exact search: equals the top-k over all n*n keys
+        s_bf, i_bf = ref.brute_force_topk(q, keys, k)
+        assert torch.equal(i, i_bf)
+        torch.testing.assert_close(s, s_bf, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("qdtype,kdtype", [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+                                           (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("shared", [False, True])
+def test_forward_half_and_mixed(qdtype, kdtype, shared, device):
+    q, keys = _inputs((19,), 2, 40, 32, shared, qdtype, kdtype, device, seed=1)
+    s, i = pk.product_key_topk(q, keys, 6, candidates=8, backend="triton")
+    s_ref, i_ref = ref.product_key_topk(q, keys, 6, 8)
+    assert_topk_match(s, i, s_ref, i_ref, tol=1e-4)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("case", [((7,), 3, 37, 20, 5, 5), ((2, 3), 2, 16, 16, 9, 3), ((1,), 1, 20, 16, 1, 2)])
+def test_backward_fp32(case, shared, device):
+    lead, heads, n, dk, k, cand = case
+    q, keys = _inputs(lead, heads, n, dk, shared, torch.float32, torch.float32, device, seed=2)
+    q.requires_grad_()
+    keys.requires_grad_()
+    s, i = pk.product_key_topk(q, keys, k, candidates=cand, backend="triton")
+    g = torch.randn_like(s)
+    dq, dkeys = torch.autograd.grad(s, (q, keys), g)
+    s_ref, i_ref = ref.product_key_topk(q, keys, k, cand)
+    assert torch.equal(i, i_ref)
+    dq_ref, dkeys_ref = torch.autograd.grad(s_ref, (q, keys), g)
+    torch.testing.assert_close(dq, dq_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dkeys, dkeys_ref, atol=1e-5, rtol=1e-5)
+    # deterministic: a second run is bitwise equal
+    s2, _ = pk.product_key_topk(q, keys, k, candidates=cand, backend="triton")
+    dq2, dkeys2 = torch.autograd.grad(s2, (q, keys), g)
+    assert torch.equal(dq, dq2) and torch.equal(dkeys, dkeys2)
+
+
+def test_backward_shared_sub_keys_are_summed(device):
+    """Many selected experts share sub-keys (k = candidates^2 uses every candidate c times)."""
+    q, keys = _inputs((5,), 2, 12, 16, True, torch.float32, torch.float32, device, seed=3)
+    keys.requires_grad_()
+    s, _ = pk.product_key_topk(q, keys, 16, candidates=4, backend="triton")
+    (dkeys,) = torch.autograd.grad(s.sum(), (keys,))
+    s_ref, _ = ref.product_key_topk(q, keys, 16, 4)
+    (dkeys_ref,) = torch.autograd.grad(s_ref.sum(), (keys,))
+    torch.testing.assert_close(dkeys, dkeys_ref, atol=1e-5, rtol=1e-5)
+    assert dkeys.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_backward_half(dtype, device):
+    q, keys = _inputs((9,), 2, 30, 32, False, dtype, dtype, device, seed=4)
+    q.requires_grad_()
+    keys.requires_grad_()
+    s, i = pk.product_key_topk(q, keys, 4, backend="triton")
+    s_ref, i_ref = ref.product_key_topk(q, keys, 4)
+    assert torch.equal(i, i_ref)
+    g = torch.randn_like(s)
+    dq, dkeys = torch.autograd.grad(s, (q, keys), g)
+    dq_ref, dkeys_ref = torch.autograd.grad(s_ref, (q, keys), g)
+    assert dq.dtype == dtype and dkeys.dtype == dtype
+    for a, b in ((dq, dq_ref), (dkeys, dkeys_ref)):
+        err = (a.float() - b.float()).norm() / b.float().norm()
+        assert err < 1e-2, err
+
+
+def test_reference_search_is_exact_against_brute_force():
+    torch.manual_seed(5)
+    for shared in (False, True):
+        q, keys = _inputs((31,), 3, 9, 8, shared, torch.float64, torch.float64, "cpu", seed=5)
+        for k, cand in ((1, 1), (5, 5), (7, 9), (9, 9)):
+            s, i = ref.product_key_topk(q, keys, k, cand)
+            s_bf, i_bf = ref.brute_force_topk(q, keys, k)
+            assert torch.equal(i, i_bf)
+            torch.testing.assert_close(s, s_bf)
+
+
+def test_reference_against_loop_implementation():
+    """An independent loop over heads and tokens, scoring every expert id i*n+j."""
+    q, keys = _inputs((4,), 2, 6, 6, False, torch.float64, torch.float64, "cpu", seed=6)
+    k, cand = 5, 3
+    s, i = ref.product_key_topk(q, keys, k, cand)
+    n = keys.shape[-2]
+    for t in range(4):
+        for h in range(2):
+            q1, q2 = q[t, h, :3], q[t, h, 3:]
+            s1 = [float(q1 @ keys[h, 0, a]) for a in range(n)]
+            s2 = [float(q2 @ keys[h, 1, b]) for b in range(n)]
+            c1 = sorted(range(n), key=lambda a: -s1[a])[:cand]
+            c2 = sorted(range(n), key=lambda b: -s2[b])[:cand]
+            pairs = sorted(((s1[a] + s2[b], a * n + b) for a in c1 for b in c2), reverse=True)[:k]
+            assert [p[1] for p in pairs] == i[t, h].tolist()
+            torch.testing.assert_close(s[t, h], torch.tensor([p[0] for p in pairs], dtype=torch.float64))
+
+
+def test_gradcheck_reference_fp64():
+    q, keys = _inputs((3,), 2, 7, 6, False, torch.float64, torch.float64, "cpu", seed=7)
+    q.requires_grad_()
+    keys.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: ref.product_key_topk(a, b, 4, 3)[0], (q, keys))
+
+
+def test_empty_batch(device):
+    q, keys = _inputs((0,), 2, 16, 16, False, torch.float32, torch.float32, device)
+    s, i = pk.product_key_topk(q, keys, 3, backend="triton")
+    assert s.shape == (0, 2, 3) and i.shape == (0, 2, 3)
+
+
+def test_compile_fullgraph_no_graph_break(device):
+    q, keys = _inputs((5,), 2, 16, 16, False, torch.float32, torch.float32, device)
+    keys.requires_grad_()
+
+    def f(a, b):
+        s, i = pk.product_key_topk(a, b, 4, backend="triton")
+        return s.softmax(-1), i
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, keys)
+    expect = f(q, keys)
+    torch.testing.assert_close(out[0], expect[0])
+    assert torch.equal(out[1], expect[1])
+    out[0].sum().backward()
+    assert keys.grad is not None and torch.isfinite(keys.grad).all()
+
+
+def test_opcheck(device):
+    from peer_kernels.retrieval import _pk_topk_op
+
+    q, keys = _inputs((3,), 2, 16, 16, False, torch.float32, torch.float32, device)
+    q.requires_grad_()
+    keys.requires_grad_()
+    torch.library.opcheck(_pk_topk_op, (q, keys, 4, 4))
+
+
+# ---- bad input through the public op --------------------------------------------------
+
+@pytest.mark.parametrize(
+    "qshape,kshape,k,cand,match",
+    [
+        ((4, 2, 15), (2, 2, 8, 7), 2, None, "even"),
+        ((4, 2, 16), (3, 2, 8, 8), 2, None, r"\[H, 2, n, Dk//2\]"),
+        ((4, 2, 16), (2, 8, 7), 2, None, r"\[2, n, Dk//2\]"),
+        ((4, 2, 16), (2, 2, 8, 8), 2, 9, "larger than the number of sub-keys"),
+        ((4, 2, 16), (2, 2, 8, 8), 10, 3, r"candidates\^2"),
+        ((4, 2, 16), (2, 2, 8, 8), 0, None, "positive"),
+        ((16,), (2, 8, 8), 2, None, r"\[\.\.\., H, Dk\]"),
+        ((4, 2, 16), (8, 8), 2, None, "sub_keys must have shape"),
+    ],
+)
+def test_bad_input(qshape, kshape, k, cand, match):
+    with pytest.raises(ValueError, match=match):
+        pk.product_key_topk(torch.randn(qshape), torch.randn(kshape), k, candidates=cand)
+
+
+def test_bad_dtype_and_backend():
+    q, keys = torch.randn(4, 2, 16), torch.randn(2, 2, 8, 8)
+    with pytest.raises(TypeError, match="query must have a floating dtype"):
+        pk.product_key_topk(q.long(), keys, 2)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        pk.product_key_topk(q, keys, 2, backend="cuda")
+    with pytest.raises(TypeError, match="float64"):
+        pk.product_key_topk(q.double(), keys, 2, backend="triton")
+
+
+@pytest.mark.gpu
+def test_mismatched_devices():
+    with pytest.raises(ValueError, match="one device"):
+        pk.product_key_topk(torch.randn(4, 2, 16, device="cuda"), torch.randn(2, 2, 8, 8), 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shared", [False, True])
+def test_gpu_paper_config(shared):
+    """H = 8, n = 1024, Dk = 128, k = 16, bf16, T = 4096, plus n = 4096, Dk = 256, k = 64 fp32."""
+    q, keys = _inputs((4096,), 8, 1024, 128, shared, torch.bfloat16, torch.bfloat16, "cuda", seed=8)
+    s, i = pk.product_key_topk(q, keys, 16)
+    s_ref, i_ref = ref.product_key_topk(q, keys, 16)
+    assert_topk_match(s, i, s_ref, i_ref, tol=1e-3)
+    assert (i == i_ref).float().mean() > 0.999
+    q, keys = _inputs((257,), 2, 4096, 256, shared, torch.float32, torch.float32, "cuda", seed=9)
+    s, i = pk.product_key_topk(q, keys, 64, candidates=64)
+    s_ref, i_ref = ref.product_key_topk(q, keys, 64, 64)
+    assert torch.equal(i, i_ref)
+    torch.testing.assert_close(s, s_ref, atol=1e-4, rtol=1e-5)
