@@ -17,7 +17,7 @@ q = torch.randn(T, H, dk, device="cuda", dtype=torch.bfloat16)
 keys = torch.randn(H, 2, n, dk // 2, device="cuda", dtype=torch.bfloat16)
 s_ref, i_ref = pk.product_key_topk(q, keys, k, backend="torch")
 sc = torch.empty(T, H, k, device="cuda"); ids = torch.empty(T, H, k, device="cuda", dtype=torch.int64)
-for bm, bn, w in [(16, 64, 4), (16, 128, 4), (16, 128, 8), (32, 64, 4), (32, 128, 8), (16, 256, 8), (64, 64, 4), (64, 128, 8)]:
+for bm, bn, w in [(16, 128, 4), (64, 64, 4)]:
     def f():
         K.pk_topk_fwd_kernel[(triton.cdiv(T, bm), H)](q, keys, sc, ids, T, n, H, DK=dk, DH_PAD=64, PER_HEAD=True,
             K=k, K_PAD=16, CAND=16, KP=16, BLOCK_M=bm, BLOCK_N=bn, UPCAST=False, PRECISION="tf32", num_warps=w)
@@ -30,9 +30,10 @@ g = torch.randn(T, H, k, device="cuda")
 print(f"pk bwd total: {ms(lambda: R._launch_bwd(g, q, keys, i_ref)):.4f} ms", flush=True)
 dq = torch.empty_like(q)
 print(f"pk bwd dq kernel: {ms(lambda: K.pk_topk_bwd_query_kernel[(triton.cdiv(T, 16), H)](g, i_ref, keys, dq, T, n, H, DK=dk, DH_PAD=64, PER_HEAD=True, K=k, K_PAD=16, BLOCK_M=16, num_warps=4)):.4f} ms", flush=True)
-for bm, bn, sp, w in [(32, 64, 2, 4), (64, 64, 2, 4), (32, 128, 4, 8), (64, 32, 2, 4), (128, 64, 4, 8)]:
+subs = torch.stack((i_ref // n, i_ref % n)).to(torch.int32)
+for bm, bn, sp, w in [(32, 64, 2, 4), (64, 64, 2, 4), (32, 128, 4, 8), (64, 32, 2, 4)]:
     part = torch.empty(sp, H, 2, n, dk // 2, device="cuda")
-    f = lambda: K.pk_topk_bwd_keys_kernel[(triton.cdiv(n, bn), 2 * H, sp)](g, i_ref, q, part, T, n, H, triton.cdiv(T, sp),
+    f = lambda: K.pk_topk_bwd_keys_kernel[(triton.cdiv(n, bn), 2 * H, sp)](g, subs, q, part, T, n, H, triton.cdiv(T, sp),
         DK=dk, DH_PAD=64, PER_HEAD=True, K=k, BLOCK_M=bm, BLOCK_N=bn, PRECISION="tf32", num_warps=w)
     print(f"pk bwd keys kernel BM={bm} BN={bn} splits={sp} warps={w}: {ms(f):.4f} ms", flush=True)
 
@@ -60,3 +61,11 @@ for rows, bj, w in [(1, 4, 4), (4, 4, 4), (8, 4, 4), (4, 2, 4), (4, 4, 2), (16, 
         D=D, D_PAD=1024, HK=H * k, ROWS=rows, BLOCK_J=bj, num_warps=w)
     t = ms(f, rep=30); print(f"experts bwd tables kernel ROWS={rows} BJ={bj} warps={w}: {t:.4f} ms {2*N*D*2/t/1e9:.0f} GB/s written", flush=True)
 print(f"zeros of both tables (write floor): {ms(lambda: (ddown.zero_(), dup.zero_())):.4f} ms", flush=True)
+dk2 = torch.zeros(2, H, n, dk // 2, device="cuda")
+hh = torch.arange(H, device="cuda")[None, :, None]
+def torch_dkeys():
+    dk2.zero_()
+    for p, sub, qp in ((0, i_ref // n, q[..., : dk // 2]), (1, i_ref % n, q[..., dk // 2:])):
+        contrib = g[..., None] * qp.float()[:, :, None, :]
+        dk2[p].view(H * n, dk // 2).index_add_(0, (hh * n + sub).reshape(-1), contrib.reshape(-1, dk // 2))
+print(f"pk bwd keys via torch index_add_ (atomics, for comparison): {ms(torch_dkeys):.4f} ms", flush=True)

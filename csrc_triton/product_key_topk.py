@@ -159,12 +159,13 @@ def pk_topk_bwd_query_kernel(
 
 @triton.jit
 def pk_topk_bwd_keys_kernel(
-    dscores_ptr, ids_ptr, q_ptr, part_ptr,
+    dscores_ptr, sub_ptr, q_ptr, part_ptr,
     M, n, H, rows_per_split,
     DK: tl.constexpr, DH_PAD: tl.constexpr, PER_HEAD: tl.constexpr,
     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """part[split, set, p, c, :] = sum over rows of this split of S[row, c] * q_p[row]."""
+    """part[split, set, p, c, :] = sum over rows of this split of S[row, c] * q_p[row].
+    sub_ptr: int32 [2, M*H, K], the sub-key id of each selected expert in half p."""
     DH: tl.constexpr = DK // 2
     pid_n = tl.program_id(0)
     pid_sp = tl.program_id(1)  # set * 2 + p
@@ -190,14 +191,10 @@ def pk_topk_bwd_keys_kernel(
         else:
             row = offs_r.to(tl.int64)
         sel = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)  # [BLOCK_M, BLOCK_N] sparse S tile
+        sub_base = sub_ptr + p * (M * H * K)
         for r in tl.static_range(K):
-            e = tl.load(ids_ptr + row * K + r, mask=r_mask, other=-1)
+            sub = tl.load(sub_base + row * K + r, mask=r_mask, other=-1)  # [BLOCK_M] int32
             g = tl.load(dscores_ptr + row * K + r, mask=r_mask, other=0.0)
-            if p == 0:
-                sub = e // n
-            else:
-                sub = e % n
-            sub = tl.where(r_mask, sub, -1)
             sel += tl.where(sub[:, None] == offs_n[None, :], g[:, None], 0.0)
         q = tl.load(q_ptr + row[:, None] * DK + p * DH + offs_d[None, :],
                     mask=r_mask[:, None] & (offs_d < DH)[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, DH_PAD]

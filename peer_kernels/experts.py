@@ -48,6 +48,8 @@ def _launch_fwd(x, idx, gates, down, up, activation):
 def _sorted_slots(idx: torch.Tensor, num_rows: int):
     """(order, offsets): flat slots t*HK+s sorted by expert id (stable), CSR offsets [N+1]."""
     flat = idx.reshape(-1)
+    if num_rows < 2**31:
+        flat = flat.to(torch.int32)  # a 32-bit radix sort is about twice as fast
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=num_rows)
     offsets = torch.zeros(num_rows + 1, device=idx.device, dtype=torch.int64)

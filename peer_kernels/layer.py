@@ -159,7 +159,8 @@ class PEER(nn.Module):
                  backend: str = "auto", deterministic: bool | None = None, device=None, dtype=None,
                  **peer_pytorch_aliases):
         super().__init__()
-        native = {"k": k, "candidates": candidates, "gate": gate, "separate_experts_per_head": separate_experts_per_head}
+        native = {"k": k, "candidates": candidates, "gate": gate,
+                  "separate_experts_per_head": separate_experts_per_head}
         unknown = sorted(set(peer_pytorch_aliases) - set(_ALIASES))
         if unknown:
             raise TypeError(f"PEER got unexpected keyword argument(s) {unknown}; peer-pytorch aliases accepted: "
@@ -329,7 +330,8 @@ class PEER(nn.Module):
             raise ValueError(f"from_peer_pytorch: unsupported score activation {module.score_activation!r}")
         heads, num_keys, two, half = module.keys.shape
         if two != 2:
-            raise ValueError(f"from_peer_pytorch: keys must have shape [heads, n, 2, d], got {tuple(module.keys.shape)}")
+            raise ValueError(f"from_peer_pytorch: keys must have shape [heads, n, 2, d], "
+                             f"got {tuple(module.keys.shape)}")
         linear = module.to_queries[0]
         dim = linear.in_features
         pre_rmsnorm = not isinstance(module.norm, nn.Identity)

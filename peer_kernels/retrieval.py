@@ -82,8 +82,9 @@ def _launch_bwd(grad_scores, query, sub_keys, ids):
     rows_per_split = triton.cdiv(rows, splits)
     part = torch.empty((splits, num_sets, 2, n, dk // 2), device=query.device, dtype=torch.float32)
     precision = "ieee" if (query.dtype == torch.float32 or interpreting()) else "tf32"
+    subs = torch.stack((e // n, e % n)).to(torch.int32)  # [2, M, H, K] sub-key ids per half
     kernels.pk_topk_bwd_keys_kernel[(triton.cdiv(n, block_n), 2 * num_sets, splits)](
-        g, e, q, part, m, n, heads, rows_per_split,
+        g, subs, q, part, m, n, heads, rows_per_split,
         DK=dk, DH_PAD=dh_pad, PER_HEAD=per_head, K=k, BLOCK_M=32, BLOCK_N=block_n, PRECISION=precision,
         num_warps=4,
     )

@@ -529,3 +529,24 @@ def test_from_peer_pytorch_standin(kw):
 def test_from_peer_pytorch_rejects_other_modules():
     with pytest.raises(TypeError, match="from_peer_pytorch needs a PEER_pytorch.PEER module"):
         pk.PEER.from_peer_pytorch(nn.Linear(4, 4))
+
+
+# ---- the Triton path (interpreter on the CPU, conftest sets TRITON_INTERPRET=1) -------
+
+@pytest.mark.parametrize("query_norm,separate,gate,shared", [("batch", False, "softmax", False),
+                                                            ("layer", True, "relu", True)])
+def test_triton_backend_matches_torch(device, query_norm, separate, gate, shared):
+    kw = dict(num_experts=64, heads=2, k=4, dim_key=16, candidates=5, query_norm=query_norm, gate=gate,
+              separate_experts_per_head=separate, shared_keys=shared, activation="silu", device=device)
+    torch.manual_seed(17)
+    a = pk.PEER(DIM, backend="triton", **kw)
+    b = pk.PEER(DIM, backend="torch", **kw)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 5, DIM, device=device)
+    dy = torch.randn(2, 5, DIM, device=device)
+    ya, ga = grads(a, a, x, dy)
+    yb, gb = grads(b, b, x, dy)
+    torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
+    names = ["x"] + [n for n, _ in a.named_parameters()]
+    for name, u, v in zip(names, ga, gb):
+        torch.testing.assert_close(u, v, atol=2e-5, rtol=2e-5, msg=lambda s: f"grad of {name}: {s}")
