@@ -75,7 +75,7 @@ def _launch_bwd(grad_scores, query, sub_keys, ids):
         DK=dk, DH_PAD=dh_pad, PER_HEAD=per_head, K=k, K_PAD=_pow2(k, 2), BLOCK_M=block_m, num_warps=4,
     )
     # dC: split the rows so that the grid fills the GPU; partial sums added in a fixed order
-    block_n = min(64, _pow2(n, 16))
+    block_n = min(128, _pow2(n, 16))
     rows = m if per_head else m * heads
     tiles = triton.cdiv(n, block_n) * 2 * num_sets
     splits = max(1, min(triton.cdiv(264, tiles), triton.cdiv(rows, 256)))
@@ -86,7 +86,7 @@ def _launch_bwd(grad_scores, query, sub_keys, ids):
     kernels.pk_topk_bwd_keys_kernel[(triton.cdiv(n, block_n), 2 * num_sets, splits)](
         g, subs, q, part, m, n, heads, rows_per_split,
         DK=dk, DH_PAD=dh_pad, PER_HEAD=per_head, K=k, BLOCK_M=32, BLOCK_N=block_n, PRECISION=precision,
-        num_warps=4,
+        num_warps=8,
     )
     dkeys = part.sum(0) if splits > 1 else part[0]
     dkeys = dkeys.reshape(sub_keys.shape).to(sub_keys.dtype)
