@@ -7,8 +7,9 @@ Forward (`pk_topk_fwd_kernel`), one program per block of BLOCK_M query rows of o
   row maxima (no sorting network: tl.topk's bitonic network was slower, see
   bench/NOTES.md), then the pair sums s_1[a] + s_2[b] of the candidates (only pairs
   with (a+1)(b+1) <= K can reach the top K), and the final top-K. Writes scores
-  [M, H, K] fp32 (descending) and expert ids [M, H, K] int64. The [M, H, 2, n] score matrix never reaches memory. Saves nothing extra for the
-  backward: the ids are enough.
+  [M, H, K] fp32 (descending) and expert ids [M, H, K] int64. The [M, H, 2, n]
+  score matrix never reaches memory. Saves nothing extra for the backward: the
+  ids are enough.
 
 Backward (both deterministic, no atomics):
   `pk_topk_bwd_query_kernel`: dq_p[m] = sum_r g[m, r] * C_p[sub_p(id[m, r])], a gather.
