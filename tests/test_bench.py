@@ -1,0 +1,140 @@
+"""The benchmark suite (bench/run.py): its smallest configuration runs on the CPU and
+writes a JSON with every case, pass and backend and positive numbers; --compare flags a
+slower row; the peer-pytorch row gets our weights; the byte counts match DESIGN.md."""
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+sys.path.insert(0, BENCH)
+
+import cases  # noqa: E402
+import harness  # noqa: E402
+
+import peer_kernels as pk  # noqa: E402
+
+CASES = ("product_key_topk", "peer_experts", "PEER")
+PASSES = ("fwd", "bwd", "fwd+bwd")
+
+
+def _run(*args, timeout=240):
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, os.path.join(BENCH, "run.py"), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "suite.json"
+    proc = _run("--device", "cpu", "--quick", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out) as f:
+        return out, json.load(f), proc.stdout
+
+
+def test_smallest_suite_on_cpu_writes_every_case(suite):
+    path, data, stdout = suite
+    assert "CPU timings" in stdout and any("CPU timings" in n for n in data["notes"])
+    env = data["env"]
+    assert env["device"] == "cpu" and env["triton_interpreter"] and env["copy_gbps"] > 0
+    for field in ("torch", "triton", "date", "python"):
+        assert env[field]
+    rows = data["rows"]
+    assert rows and not [r for r in rows if r.get("error")]
+    backends = {"triton", "triton-atomic", "torch"} | ({"peer-pytorch"} if cases.PeerPytorch is not None else set())
+    for case in CASES:
+        got = {(r["backend"], r["pass"]) for r in rows if r["case"] == case}
+        want = {"triton", "torch"} | ({"peer-pytorch"} if case == "PEER" and cases.PeerPytorch else set()) \
+            | ({"triton-atomic"} if case == "peer_experts" else set())
+        assert {b for b, _ in got} == want & backends, case
+        for b in want & backends:
+            assert {p for bb, p in got if bb == b} == ({"bwd", "fwd+bwd"} if b == "triton-atomic" else set(PASSES))
+    assert any(r["config"].get("ids", "").startswith("zipf") for r in rows)
+    for r in rows:
+        for field in ("ms", "p20", "p80", "bytes", "gbps", "pct_copy", "flops", "tflops"):
+            assert r[field] > 0, (r["key"], field)
+        assert r["p20"] <= r["ms"] <= r["p80"]
+        assert r["key"] == harness.row_key(r)
+        if r["backend"] == "triton":
+            assert set(r["speedup_over"]) == {p for p in ("torch", "peer-pytorch") if
+                                              any(o["backend"] == p and o["case"] == r["case"] for o in rows)}
+            assert all(v > 0 for v in r["speedup_over"].values())
+    assert len({r["key"] for r in rows}) == len(rows)
+    # plots when matplotlib is there (the `bench` extra), a note when it is not
+    stem = os.path.splitext(str(path))[0]
+    if importlib.util.find_spec("matplotlib") is not None:
+        for name in ("time_vs_T", "pct_copy"):
+            assert os.path.getsize(f"{stem}_{name}.png") > 0
+    else:
+        assert "plots skipped" in stdout
+
+
+def test_compare_flags_regressions(suite, tmp_path):
+    _, data, _ = suite
+    new = copy.deepcopy(data)
+    slower, faster, dropped = new["rows"][0], new["rows"][1], new["rows"].pop(2)
+    slower["ms"] *= 1.5
+    faster["ms"] *= 0.5
+    old_path, new_path = tmp_path / "old.json", tmp_path / "new.json"
+    old_path.write_text(json.dumps(data))
+    new_path.write_text(json.dumps(new))
+    proc = _run("--compare", str(old_path), "--against", str(new_path), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    hit = [ln for ln in lines if slower["key"] in ln]
+    assert len(hit) == 1 and "REGRESSION" in hit[0] and "+50.0%" in hit[0]
+    hit = [ln for ln in lines if faster["key"] in ln]
+    assert len(hit) == 1 and "faster" in hit[0] and "-50.0%" in hit[0]
+    assert not [ln for ln in lines if dropped["key"] in ln]
+    n = len(data["rows"])
+    assert f"{n - 1} rows compared, 1 regression(s) beyond 5%" in proc.stdout
+    assert "1 old row(s) not in the new run" in proc.stdout
+
+
+def test_compare_refuses_other_files(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"rows": []}))
+    proc = _run("--compare", str(bad), "--against", str(bad), timeout=60)
+    assert proc.returncode != 0 and "not a bench/run.py result" in proc.stderr
+
+
+def test_peer_pytorch_row_gets_our_weights():
+    torch.manual_seed(0)
+    layer = pk.PEER(16, num_experts=16, heads=2, k=3, dim_key=8, query_norm=None, backend="torch")
+    pp = cases.build_peer_pytorch(layer, "cpu", torch.float32)
+    if cases.PeerPytorch is None:
+        assert pp is None
+        return
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(pp(x), layer(x), atol=1e-5, rtol=1e-5)
+    back = pk.PEER.from_peer_pytorch(pp, backend="torch")
+    for a, b in zip(back.parameters(), layer.parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_zipf_ids_are_skewed_and_in_range():
+    g = torch.Generator().manual_seed(0)
+    ids = cases.zipf_ids((4000, 2, 4), 1024, 1.0, g, "cpu")
+    assert ids.shape == (4000, 2, 4) and ids.dtype == torch.int64
+    assert 0 <= ids.min() and ids.max() < 1024
+    counts = torch.bincount(ids.flatten(), minlength=1024).sort(descending=True).values
+    # p(rank 1) = 1 / H_1024 ~ 13% of the 32000 draws; uniform would give ~31 each
+    assert counts[0] > 3000 and counts[-1] < 10
+
+
+def test_useful_bytes_match_design_floors():
+    paper = dict(T=4096, D=1024, N=1024**2, H=8, k=16, ids="uniform")
+    fwd, flops = cases.pass_bytes_flops("peer_experts", paper, "fwd", torch.bfloat16)
+    assert 2.15e9 < fwd < 2.2e9  # DESIGN.md sec. 3: 2.15 GB of gathered rows
+    bwd, _ = cases.pass_bytes_flops("peer_experts", paper, "bwd", torch.bfloat16)
+    assert 6.4e9 < bwd < 6.5e9  # the rows again and both dense bf16 gradient tables (4.3 GB)
+    _, flops = cases.pass_bytes_flops("product_key_topk", dict(T=4096, H=8, k=16, n=1024, Dk=128, shared=False),
+                                      "fwd", torch.bfloat16)
+    assert abs(flops - 8.6e9) < 0.1e9  # 8.6 GFLOP of sub-key scores
