@@ -57,6 +57,9 @@ _CPU = {
 CASES = tuple(_GPU)
 ALIASES = {"retrieval": "product_key_topk", "topk": "product_key_topk", "product_key_topk": "product_key_topk",
            "experts": "peer_experts", "peer_experts": "peer_experts", "layer": "PEER", "peer": "PEER"}
+# torch.compile rows: main config and the T, D and ids sweeps (a new shape is a recompile,
+# tens of seconds each; the H*k, N and shared-keys points would add one each)
+COMPILE_TAGS = {"main", "T", "D", "ids"}
 # the sweep a varied size belongs to (H is swept as H*k, n as N = n^2)
 _SWEEP_TAG = {"T": "T", "D": "D", "H": "HK", "n": "N", "N": "N", "shared": "shared", "ids": "ids"}
 
@@ -82,6 +85,8 @@ def backends_for(case: str, config: dict, tags, wanted) -> list[tuple[str, str]]
         if b == "peer-pytorch" and case != "PEER":
             continue
         if b == "triton-atomic" and (case != "peer_experts" or "main" not in tags):
+            continue
+        if b == "compile" and not set(tags) & COMPILE_TAGS:
             continue
         for p in PASSES:
             if b == "triton-atomic" and p == "fwd":  # the same forward as "triton"

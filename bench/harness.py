@@ -70,7 +70,7 @@ def time_ms(fn, device: str, *, rep_ms: float = 100.0, min_samples: int = 8) -> 
         torch.cuda.synchronize()
         est = start.elapsed_time(end)
         rep = max(rep_ms, min_samples * est * 1.1)
-        med, p20, p80 = do_bench(fn, warmup=max(25.0, 2 * est), rep=rep, quantiles=list(QUANTILES),
+        med, p20, p80 = do_bench(fn, warmup=25.0, rep=rep, quantiles=list(QUANTILES),
                                  return_mode="median")
         return dict(ms=med, p20=p20, p80=p80, samples=max(1, int(rep / max(est, 1e-3))))
     times = []

@@ -92,6 +92,9 @@ def _select(args, device, cases, notes):
             backends.remove("compile")
             notes.append("torch.compile rows left out on the CPU (inductor compiles take minutes on a small CPU); "
                          "add them with --backends triton,torch,compile,peer-pytorch")
+    if "compile" in backends:
+        notes.append("compile rows: torch.compile of the reference with default options, at the main config and "
+                     "the T, D and ids sweeps (each new shape is a recompile)")
     if "peer-pytorch" in backends and cases.PeerPytorch is None:
         backends.remove("peer-pytorch")
         notes.append("peer-pytorch rows skipped: PEER_pytorch is not installed (pip install '.[bench]')")
@@ -154,10 +157,7 @@ def _run_config(cases, case, config, tags, backends, device, dtype, copy_gbps, r
         row["key"] = harness.row_key(row)
         if item not in errors:
             try:
-                runner = cases.Runner(state, backend, pass_)
-                if device == "cuda":  # one more call after the rebuild (allocator, caches); warm already
-                    runner.fn()
-                    harness.sync(device)
+                runner = cases.Runner(state, backend, pass_)  # warm already: compiled, tuned
                 t = harness.time_ms(runner.fn, device, rep_ms=rep_ms)
                 peak = harness.peak_extra_bytes(runner.fn, device, runner.clear, runner.grad_bytes)
                 runner.clear()
@@ -222,7 +222,8 @@ def main(argv=None) -> int:
             new = _run_config(cases, case, config, tags, backends, device, dtype, env["copy_gbps"], rep_ms)
             _speedups(new, peers)
             rows += new
-            print("\n".join(harness.format_rows(new, peers)), f"\n  ({time.perf_counter() - t0:.1f} s)", flush=True)
+            shown = tuple(p for p in peers if any(r["backend"] == p for r in new))
+            print("\n".join(harness.format_rows(new, shown)), f"\n  ({time.perf_counter() - t0:.1f} s)", flush=True)
             harness.write_json(path, env, run_args, notes, rows)
 
     env["wall_s"] = time.perf_counter() - t_start
