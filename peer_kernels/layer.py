@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checks import BACKENDS, is_perfect_square
-from .experts import peer_experts
+from .experts import BACKWARD_MODES, peer_experts
 from .reference import ACTIVATIONS
 from .retrieval import product_key_topk
 
@@ -124,6 +124,11 @@ class PEER(nn.Module):
         backend: "auto" | "triton" | "torch", passed to both ops.
         deterministic: passed to peer_experts (None: follows
             torch.are_deterministic_algorithms_enabled()).
+        backward: the expert backward, passed to peer_experts: None or "sorted" (its
+            default: deterministic, no atomics) or "atomic" (fp32 atomics into scratch
+            tables: more memory, not deterministic; it has no host sync, so it is the
+            one that can be captured in a CUDA graph, e.g. by torch.compile
+            mode="reduce-overhead", while the sorted path's id counting syncs).
         device, dtype: factory keywords for the parameters.
 
     peer-pytorch keyword names are accepted as aliases: `num_experts_per_head` (k),
@@ -156,8 +161,8 @@ class PEER(nn.Module):
                  dim_key: int = 128, candidates=_Default(None), query_norm: str | None = "batch",
                  shared_keys: bool = False, gate=_Default("softmax"), activation="gelu",
                  separate_experts_per_head=_Default(False), dropout: float = 0.0, pre_rmsnorm: bool = False,
-                 backend: str = "auto", deterministic: bool | None = None, device=None, dtype=None,
-                 **peer_pytorch_aliases):
+                 backend: str = "auto", deterministic: bool | None = None, backward: str | None = None,
+                 device=None, dtype=None, **peer_pytorch_aliases):
         super().__init__()
         native = {"k": k, "candidates": candidates, "gate": gate,
                   "separate_experts_per_head": separate_experts_per_head}
@@ -212,6 +217,11 @@ class PEER(nn.Module):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if deterministic not in (None, True, False):
             raise ValueError(f"deterministic must be None, True or False, got {deterministic!r}")
+        if backward is not None and backward not in BACKWARD_MODES:
+            raise ValueError(f"backward must be None or one of {BACKWARD_MODES}, got {backward!r}")
+        if deterministic and backward == "atomic":
+            raise ValueError("backward='atomic' is not deterministic; use backward='sorted' (or None) with "
+                             "deterministic=True")
         self.query_norm_type = query_norm
         self.shared_keys = bool(shared_keys)
         self.gate = gate
@@ -219,6 +229,7 @@ class PEER(nn.Module):
         self.pre_rmsnorm = bool(pre_rmsnorm)
         self.backend = backend
         self.deterministic = deterministic
+        self.backward = backward
 
         # ---- modules and parameters ----
         fk = {"device": device, "dtype": dtype}
@@ -242,8 +253,8 @@ class PEER(nn.Module):
     def reset_parameters(self) -> None:
         """Re-initialise every parameter as documented in the class docstring."""
         self.query_proj.reset_parameters()
-        if isinstance(self.query_norm, (nn.BatchNorm1d, nn.LayerNorm)):
-            self.query_norm.reset_parameters()
+        if not isinstance(self.query_norm, nn.Identity):  # BatchNorm1d, LayerNorm, or SyncBatchNorm after
+            self.query_norm.reset_parameters()            # nn.SyncBatchNorm.convert_sync_batchnorm
         if isinstance(self.norm, _RMSNorm):
             self.norm.gamma.zero_()
         nn.init.normal_(self.sub_keys, std=(2.0 / self.dim_key) ** 0.5)
@@ -291,14 +302,15 @@ class PEER(nn.Module):
             indices = indices + offsets[:, None]
         # the ids come from product_key_topk, in [0, rows) by construction: no range check (host sync)
         return peer_experts(x, indices, gates, self.down, self.up, activation=self.activation, backend=self.backend,
-                            deterministic=self.deterministic, validate=False)
+                            deterministic=self.deterministic, backward=self.backward, validate=False)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, heads={self.heads}, k={self.k}, "
                 f"dim_key={self.dim_key}, candidates={self.candidates}, query_norm={self.query_norm_type!r}, "
                 f"shared_keys={self.shared_keys}, gate={self.gate!r}, activation={self.activation!r}, "
                 f"separate_experts_per_head={self.separate_experts_per_head}, dropout={self.dropout.p}, "
-                f"pre_rmsnorm={self.pre_rmsnorm}, backend={self.backend!r}, deterministic={self.deterministic}")
+                f"pre_rmsnorm={self.pre_rmsnorm}, backend={self.backend!r}, deterministic={self.deterministic}, "
+                f"backward={self.backward!r}")
 
     # ---- peer-pytorch interop ----------------------------------------------------------
 
