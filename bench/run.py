@@ -129,55 +129,68 @@ def _speedups(rows, peers):
             r["speedup_over"] = {p: by[(r["pass"], p)]["ms"] / r["ms"] for p in peers if (r["pass"], p) in by}
 
 
-def _run_config(cases, case, config, tags, backends, device, dtype, copy_gbps, rep_ms):
-    """All rows of one case at one config: warm every (backend, pass) once, then time each."""
-    import torch
+def _free(device):
+    gc.collect()
+    if device == "cuda":
+        import torch
 
+        torch.cuda.empty_cache()
+
+
+def _error(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _run_config(cases, case, config, tags, backends, device, dtype, copy_gbps, rep_ms):
+    """All rows of one case at one config: warm every (backend, pass) once, then time each.
+    A failure (e.g. out of memory) becomes an error row and the others go on."""
     base = dict(case=case, config=config, tags=list(tags), dtype=str(dtype).replace("torch.", ""))
     items = cases.backends_for(case, config, tags, backends)
     rows, errors, warm_s = [], {}, {}
     try:
         state = cases.State(case, config, device, dtype)
     except Exception as e:  # noqa: BLE001 - e.g. out of memory building the tables: every row is an error
-        msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        state, errors = None, {item: msg for item in items}
+        state, errors = None, {item: _error(e) for item in items}
+        _free(device)
     for item in items if state is not None else ():
+        runner = None
         try:
             t0 = time.perf_counter()
             runner = cases.Runner(state, *item)
             runner.fn()
             harness.sync(device)
             warm_s[item] = time.perf_counter() - t0
-            del runner
-        except Exception as e:  # noqa: BLE001 - recorded as an error row, the suite goes on
-            errors[item] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        except Exception as e:  # noqa: BLE001
+            errors[item] = _error(e)
+        del runner
+        if item in errors:
+            _free(device)
     for item in items:
         backend, pass_ = item
         row = dict(base, backend=backend, **{"pass": pass_})
         row["key"] = harness.row_key(row)
-        if item not in errors:
-            try:
-                runner = cases.Runner(state, backend, pass_)  # warm already: compiled, tuned
-                t = harness.time_ms(runner.fn, device, rep_ms=rep_ms)
-                peak = harness.peak_extra_bytes(runner.fn, device, runner.clear, runner.grad_bytes)
-                runner.clear()
-                del runner
-                nbytes, flops = cases.pass_bytes_flops(case, config, pass_, dtype)
-                row.update(t, bytes=nbytes, gbps=nbytes / (t["ms"] * 1e-3) / 1e9, flops=flops,
-                           tflops=flops / (t["ms"] * 1e-3) / 1e12, warmup_s=warm_s[item])
-                row["pct_copy"] = 100 * row["gbps"] / copy_gbps
-                row["peak_extra_mb"] = None if peak is None else peak / 2**20
-            except Exception as e:  # noqa: BLE001
-                errors[item] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        if item in errors:
-            row.update(error=errors[item], ms=None)
-            if device == "cuda":
-                torch.cuda.empty_cache()
+        runner = None
+        try:
+            if item in errors:
+                raise RuntimeError(errors[item])
+            runner = cases.Runner(state, backend, pass_)  # warm already: compiled, tuned
+            t = harness.time_ms(runner.fn, device, rep_ms=rep_ms)
+            peak = harness.peak_extra_bytes(runner.fn, device, runner.clear, runner.grad_bytes)
+            runner.clear()
+            nbytes, flops = cases.pass_bytes_flops(case, config, pass_, dtype)
+            row.update(t, bytes=nbytes, gbps=nbytes / (t["ms"] * 1e-3) / 1e9, flops=flops,
+                       tflops=flops / (t["ms"] * 1e-3) / 1e12, warmup_s=warm_s[item])
+            row["pct_copy"] = 100 * row["gbps"] / copy_gbps
+            row["peak_extra_mb"] = None if peak is None else peak / 2**20
+        except Exception as e:  # noqa: BLE001 - recorded as an error row, the suite goes on
+            row.update(error=errors.get(item) or _error(e), ms=None)
+        del runner
+        if row.get("error"):
+            _free(device)
         rows.append(row)
     del state
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    _free(device)
     return rows
 
 

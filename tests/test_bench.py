@@ -105,6 +105,27 @@ def test_compare_refuses_other_files(tmp_path):
     assert proc.returncode != 0 and "not a bench/run.py result" in proc.stderr
 
 
+def test_failing_row_is_recorded_and_the_suite_goes_on(monkeypatch):
+    import run
+
+    real = cases.Runner
+
+    def runner(state, backend, pass_):
+        if pass_ == "bwd":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(state, backend, pass_)
+
+    monkeypatch.setattr(cases, "Runner", runner)
+    config, tags = cases.plan("product_key_topk", "cpu", True, 1.0)[0]
+    rows = run._run_config(cases, "product_key_topk", config, tags, ["torch"], "cpu", torch.float32, 1.0, 5.0)
+    assert [r["pass"] for r in rows] == list(PASSES)
+    bad = [r for r in rows if r.get("error")]
+    assert len(bad) == 1 and bad[0]["pass"] == "bwd" and bad[0]["ms"] is None
+    assert bad[0]["error"] == "OutOfMemoryError: CUDA out of memory (simulated)"
+    assert all(r["ms"] > 0 for r in rows if r is not bad[0])
+    assert "ERROR: OutOfMemoryError" in "\n".join(harness.format_rows(rows, ()))
+
+
 def test_peer_pytorch_row_gets_our_weights():
     torch.manual_seed(0)
     layer = pk.PEER(16, num_experts=16, heads=2, k=3, dim_key=8, query_norm=None, backend="torch")
