@@ -18,6 +18,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -125,13 +126,21 @@ def _package_version(name: str) -> str | None:
 
 
 def _nvidia_driver() -> str | None:
+    """The NVIDIA driver version: nvidia-smi, else the kernel module's /proc file."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=20)
+        lines = out.stdout.strip().splitlines()
+        if out.returncode == 0 and lines:
+            return lines[0].strip()
     except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            m = re.search(r"Kernel Module\s+(\S+)", f.read())
+        return m.group(1) if m else None
+    except OSError:
         return None
-    line = out.stdout.strip().splitlines()
-    return line[0].strip() if out.returncode == 0 and line else None
 
 
 def env_info(device: str) -> dict:

@@ -140,6 +140,29 @@ def test_peer_pytorch_row_gets_our_weights():
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+def test_gpu_plan_is_the_paper_config_and_its_sweeps():
+    """The sizes the GPU run covers (DESIGN.md sec. 1 and issue 5), without running them."""
+    paper = dict(T=4096, H=8, k=16)
+    for case in CASES:
+        plan = cases.plan(case, "cuda", False, 1.0)
+        main, tags = plan[0]
+        assert "main" in tags and all("main" not in t for _, t in plan[1:])
+        assert {s: main[s] for s in paper} == paper and main.get("n", 1024) == 1024
+        assert main.get("N", 1024**2) == 1024**2 and main.get("D", 1024) == 1024 and main.get("Dk", 128) == 128
+        assert sorted({c["T"] for c, _ in plan}) == [1024, 4096, 16384]
+        rows = [(b, p) for c, t in plan for b, p in cases.backends_for(case, c, t, cases.BACKENDS)]
+        assert {b for b, _ in rows} >= {"triton", "torch", "compile"}
+        assert ("peer-pytorch" in {b for b, _ in rows}) == (case == "PEER")
+        assert {p for _, p in rows} == set(PASSES)
+        assert cases.plan(case, "cuda", True, 1.0)[0] == plan[0]
+    experts = [c for c, _ in cases.plan("peer_experts", "cuda", False, 1.2)]
+    assert sorted({c["D"] for c in experts}) == [1024, 2048]
+    assert sorted({c["H"] * c["k"] for c in experts}) == [64, 128, 256]
+    assert sorted({c["N"] for c in experts}) == [256**2, 1024**2]
+    assert {c["ids"] for c in experts} == {"uniform", "zipf1.2"}
+    assert sorted({c["D"] for c, _ in cases.plan("PEER", "cuda", False, 1.0)}) == [1024, 2048]
+
+
 def test_zipf_ids_are_skewed_and_in_range():
     g = torch.Generator().manual_seed(0)
     ids = cases.zipf_ids((4000, 2, 4), 1024, 1.0, g, "cpu")
