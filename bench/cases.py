@@ -50,7 +50,7 @@ _GPU = {
 }
 # CPU: tiny sizes so that the Triton interpreter finishes in seconds
 _CPU = {
-    "product_key_topk": (dict(T=16, H=2, k=2, n=8, Dk=16, shared=False), {"T": (8, 32), "shared": (True,)}),
+    "product_key_topk": (dict(T=16, H=2, k=2, n=8, Dk=16, shared=False), {"T": (8, 32)}),
     "peer_experts": (dict(T=16, D=16, N=16, H=2, k=2, ids="uniform"), {"T": (8, 32), "ids": ("zipf",)}),
     "PEER": (dict(T=16, D=16, N=16, H=2, k=2, Dk=16), {"T": (8, 32)}),
 }
