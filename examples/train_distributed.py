@@ -42,7 +42,7 @@ no cross-token statistics, so data parallelism is exact without any sync) or `no
 from __future__ import annotations
 
 import argparse
-import copy
+import gc
 import json
 import os
 import resource
@@ -141,10 +141,10 @@ class TinyLM(nn.Module):
         return self.head(self.norm(x))
 
 
-def build_model(args, device):
+def build_model(args, device, **peer_overrides):
     torch.manual_seed(args.seed)  # same weights on every rank, and for the reference
     with torch.device(device):  # parameters made and initialised on the device
-        return TinyLM(args)
+        return TinyLM(args, **peer_overrides)
 
 
 def global_batch(step, args, device):
@@ -169,6 +169,7 @@ def sync(device):
 
 
 def reset_peak(device):
+    gc.collect()  # a freed model's memory must not count in the next peak
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

@@ -61,9 +61,7 @@ def tiny_lm(device, seed=0, **overrides):
                               "seed": seed})
     peer = {k: overrides.pop(k) for k in list(overrides) if k not in vars(args)}
     vars(args).update(overrides)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        return ex.TinyLM(args, **peer), args
+    return ex.build_model(args, device, **peer), args
 
 
 def layer(device, seed=0, **kw):
@@ -184,9 +182,7 @@ def _gpu_lm(seed=0, **peer):
     args = SimpleNamespace(**{**ex.PRESETS["cpu"], "vocab": 512, "dim": 256, "attn_heads": 4, "experts": 128**2,
                               "heads": 4, "k": 8, "dim_key": 64, "seq": 256, "query_norm": "batch",
                               "backend": "triton", "seed": seed})
-    torch.manual_seed(seed)
-    with torch.device("cuda"):
-        return ex.TinyLM(args, **peer), args
+    return ex.build_model(args, "cuda", **peer), args
 
 
 @gpu
