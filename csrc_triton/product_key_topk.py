@@ -1,15 +1,22 @@
 """Stage 1 of the PEER layer: product-key retrieval (DESIGN.md sec. 1.2), Triton kernels.
 
-Forward (`pk_topk_fwd_kernel`), one program per block of BLOCK_M query rows of one head:
-  for each half p of the query, s_p = C_p q_p over tiles of BLOCK_N sub-keys (tl.dot,
-  fp32 accumulation) and a running top-KP of s_p kept in registers as packed int64
-  (order-preserving score bits << 32 | index), merged tile by tile by KP rounds of
-  row maxima (no sorting network: tl.topk's bitonic network was slower, see
-  bench/NOTES.md), then the pair sums s_1[a] + s_2[b] of the candidates (only pairs
-  with (a+1)(b+1) <= K can reach the top K), and the final top-K. Writes scores
-  [M, H, K] fp32 (descending) and expert ids [M, H, K] int64. The [M, H, 2, n]
-  score matrix never reaches memory. Saves nothing extra for the backward: the
-  ids are enough.
+Forward (`pk_topk_fwd_kernel`), one program per block of BLOCK_M query rows of one head.
+For each half p of the query, s_p = C_p q_p over tiles of BLOCK_N sub-keys (tl.dot, fp32
+accumulation), in two passes over the tiles (`_half_topk`):
+  A. g = running elementwise max of the tiles, folded into GROUPS disjoint groups; tau =
+     the KP-th largest group maximum. KP groups hold an element >= tau, so the whole
+     top KP is >= tau: an exact bound, not a guess.
+  B. the scores again; the few >= tau (~1.3 KP on random data) are compacted into a
+     per-row scratch of CAP slots (cumsum positions) and the top KP of those is taken by
+     KP rounds of row maxima over CAP + KP values instead of over all n.
+  A row with more than CAP survivors (ties, adversarial data) or a NaN score sends its
+  block to the exact fallback: KP rounds of row maxima per tile (`_half_topk_rounds`).
+Candidates are packed int64 (order-preserving score bits << 32 | MAX_ID - id: ties go
+to the lower id). Then the pair sums s_1[a] + s_2[b] of the candidates (only pairs with
+(a+1)(b+1) <= K can reach the top K) and their top K by rounds of row maxima. Writes
+scores [M, H, K] fp32 (descending) and expert ids [M, H, K] int64. The [M, H, 2, n]
+score matrix never reaches memory; nothing extra is saved for the backward.
+Speed and what was tried: bench/NOTES.md.
 
 Backward (both deterministic, no atomics):
   `pk_topk_bwd_query_kernel`: dq_p[m] = sum_r g[m, r] * C_p[sub_p(id[m, r])], a gather.
@@ -59,38 +66,99 @@ def _merge_topk(best, packed, KP: tl.constexpr):
 
 
 @triton.jit
+def _compact(scr_row_ptr, packed, keep, cnt, CAP: tl.constexpr):
+    """Appends the kept entries of packed [BM, C] to each row's scratch after cnt [BM]
+    entries (order of the columns); returns the new counts (may exceed CAP: not stored)."""
+    k32 = keep.to(tl.int32)
+    pos = cnt[:, None] + tl.cumsum(k32, axis=1) - 1
+    tl.store(scr_row_ptr[:, None] + pos, packed, mask=keep & (pos < CAP))
+    return cnt + tl.sum(k32, axis=1)
+
+
+@triton.jit
+def _score_tile(q, keys_ptr, n0, n, offs_d, d_mask,
+                DH: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Scores of one tile of BLOCK_N sub-keys: q [BM, DH_PAD] . C[n0:n0+BLOCK_N]^T -> fp32."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < n
+    c = tl.load(keys_ptr + offs_n[:, None].to(tl.int64) * DH + offs_d[None, :],
+                mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, DH_PAD]
+    if UPCAST:
+        c = c.to(tl.float32)
+    else:
+        c = c.to(q.dtype)
+    s = tl.dot(q, tl.trans(c), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N] fp32
+    return s, offs_n, n_mask
+
+
+@triton.jit
 def _half_topk(
-    q_row_ptr, keys_ptr, offs_m, m_mask, n,
-    DH: tl.constexpr, DH_PAD: tl.constexpr, KP: tl.constexpr,
+    q_row_ptr, keys_ptr, scr_row_ptr, offs_m, m_mask, n,
+    DH: tl.constexpr, DH_PAD: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, CAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Running top-KP (packed, descending) of C q over all n sub-keys of one half."""
+    """Top-KP (packed, descending) of s = C q over all n sub-keys of one half.
+
+    Pass A: scores tile by tile; g = running elementwise max over tiles, so column j of g
+    is the maximum of the sub-keys j, j + BLOCK_N, ...; folded to GROUPS disjoint groups.
+    tau = the KP-th largest group maximum: KP distinct groups hold an element >= tau, so
+    every element of the top KP is >= tau (exact, not a heuristic).
+    Pass B: the same scores again; the few elements >= tau (~1.3 KP on random data) are
+    compacted into scratch (scr_row_ptr, CAP slots per row) and ranked there.
+    If a row has more than CAP survivors (ties, adversarial data) or a NaN score, the
+    block falls back to KP rounds of row maxima per tile (slow, exact)."""
     offs_d = tl.arange(0, DH_PAD)
     d_mask = offs_d < DH
-    q = tl.load(q_row_ptr[:, None] + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_M, DH_PAD]
+    q = tl.load(q_row_ptr[:, None] + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    best = tl.full((BLOCK_M, KP), -9223372036854775808, tl.int64)  # [BLOCK_M, KP]
+    # pass A: group maxima and a NaN flag
+    g = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)  # [BLOCK_M, BLOCK_N]
+    nan = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
     for n0 in range(0, n, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < n
-        c = tl.load(keys_ptr + offs_n[:, None].to(tl.int64) * DH + offs_d[None, :],
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, DH_PAD]
-        if UPCAST:
-            c = c.to(tl.float32)
-        else:
-            c = c.to(q.dtype)
-        s = tl.dot(q, tl.trans(c), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N] fp32
+        s, offs_n, n_mask = _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH, BLOCK_N, UPCAST, PRECISION)
+        g = tl.maximum(g, tl.where(n_mask[None, :], s, float("-inf")))
+        nan = tl.maximum(nan, (s != s).to(tl.int32))
+    gm = tl.max(tl.reshape(g, (BLOCK_M, GROUPS, BLOCK_N // GROUPS)), axis=2)  # [BLOCK_M, GROUPS]
+    above = tl.sum((gm[:, None, :] > gm[:, :, None]).to(tl.int32), axis=2)  # [BLOCK_M, GROUPS]
+    tau = tl.min(tl.where(above < KP, gm, float("inf")), axis=1)  # [BLOCK_M]
+    # pass B: compact the survivors s >= tau into scratch
+    cnt = tl.zeros((BLOCK_M,), tl.int32)
+    for n0 in range(0, n, BLOCK_N):
+        s, offs_n, n_mask = _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH, BLOCK_N, UPCAST, PRECISION)
+        keep = (s >= tau[:, None]) & n_mask[None, :]
+        cnt = _compact(scr_row_ptr, _pack(s, offs_n[None, :], keep), keep, cnt, CAP)
+    tl.debug_barrier()
+    slots = tl.arange(0, CAP)
+    cand = tl.load(scr_row_ptr[:, None] + slots[None, :], mask=slots[None, :] < cnt[:, None],
+                   other=-9223372036854775808)  # [BLOCK_M, CAP]
+    tl.debug_barrier()  # the other half and the pairs reuse the scratch
+    best = _merge_topk(tl.full((BLOCK_M, KP), -9223372036854775808, tl.int64), cand, KP)  # [BLOCK_M, KP]
+    need = tl.minimum(n, KP)
+    bad = tl.where(m_mask, (cnt > CAP) | (cnt < need), False) | (tl.max(nan, axis=1) > 0)
+    if tl.max(bad.to(tl.int32), axis=0) > 0:
+        best = _half_topk_rounds(q, keys_ptr, n, offs_d, d_mask, DH, KP, BLOCK_M, BLOCK_N, UPCAST, PRECISION)
+    return best
+
+
+@triton.jit
+def _half_topk_rounds(q, keys_ptr, n, offs_d, d_mask, DH: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Fallback: running top-KP merged tile by tile by KP rounds of row maxima (exact, slow)."""
+    best = tl.full((BLOCK_M, KP), -9223372036854775808, tl.int64)
+    for n0 in range(0, n, BLOCK_N):
+        s, offs_n, n_mask = _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH, BLOCK_N, UPCAST, PRECISION)
         best = _merge_topk(best, _pack(s, offs_n[None, :], n_mask[None, :]), KP)
     return best
 
 
 @triton.jit
 def pk_topk_fwd_kernel(
-    q_ptr, keys_ptr, scores_ptr, ids_ptr,
+    q_ptr, keys_ptr, scores_ptr, ids_ptr, scratch_ptr,
     M, n, H,
     DK: tl.constexpr, DH_PAD: tl.constexpr, PER_HEAD: tl.constexpr,
     K: tl.constexpr, K_PAD: tl.constexpr, CAND: tl.constexpr, KP: tl.constexpr,
+    GROUPS: tl.constexpr, CAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     DH: tl.constexpr = DK // 2
@@ -100,13 +168,15 @@ def pk_topk_fwd_kernel(
     m_mask = offs_m < M
     row = offs_m.to(tl.int64) * H + h  # [BLOCK_M] row of (token, head)
     q_row_ptr = q_ptr + row * DK
+    scr_row_ptr = scratch_ptr + (pid_m.to(tl.int64) * H + h) * (BLOCK_M * CAP) + tl.arange(0, BLOCK_M) * CAP
     if PER_HEAD:
         kbase = keys_ptr + h.to(tl.int64) * (2 * n * DH)
     else:
         kbase = keys_ptr
-    best1 = _half_topk(q_row_ptr, kbase, offs_m, m_mask, n, DH, DH_PAD, KP, BLOCK_M, BLOCK_N, UPCAST, PRECISION)
-    best2 = _half_topk(q_row_ptr + DH, kbase + n * DH, offs_m, m_mask, n, DH, DH_PAD, KP, BLOCK_M, BLOCK_N,
-                       UPCAST, PRECISION)
+    best1 = _half_topk(q_row_ptr, kbase, scr_row_ptr, offs_m, m_mask, n, DH, DH_PAD, KP, GROUPS, CAP,
+                       BLOCK_M, BLOCK_N, UPCAST, PRECISION)
+    best2 = _half_topk(q_row_ptr + DH, kbase + n * DH, scr_row_ptr, offs_m, m_mask, n, DH, DH_PAD, KP, GROUPS, CAP,
+                       BLOCK_M, BLOCK_N, UPCAST, PRECISION)
     s1, i1 = _unpack(best1)  # [BLOCK_M, KP], sorted descending
     s2, i2 = _unpack(best2)
     # pair sums; pair (a, b) is dominated by (a+1)(b+1)-1 others, so needs (a+1)(b+1) <= K

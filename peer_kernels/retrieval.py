@@ -32,6 +32,14 @@ def _dot_config(query: torch.Tensor, sub_keys: torch.Tensor):
     return True, ("tf32" if same_half else "ieee")
 
 
+def _fwd_config(n: int, kp: int) -> dict:
+    """Launch config of pk_topk_fwd_kernel. GROUPS >= KP group maxima give the threshold;
+    CAP scratch slots per row hold the survivors (~1.3 KP on random data, see the kernel)."""
+    block_n = max(kp, min(128, _pow2(n, 16)))
+    groups = max(kp, min(32, block_n))
+    return dict(BLOCK_M=16, BLOCK_N=block_n, GROUPS=groups, CAP=max(64, 2 * kp), num_warps=4)
+
+
 def _launch_fwd(query: torch.Tensor, sub_keys: torch.Tensor, k: int, candidates: int):
     heads, dk = query.shape[-2], query.shape[-1]
     q = query.reshape(-1, heads, dk)
@@ -42,15 +50,13 @@ def _launch_fwd(query: torch.Tensor, sub_keys: torch.Tensor, k: int, candidates:
     if m > 0:
         kp = _pow2(candidates, 2)
         upcast, precision = _dot_config(query, sub_keys)
-        block_m = 16
-        block_n = min(128, _pow2(n, 16)) if kp <= 32 else min(64, _pow2(n, 16))
-        grid = (triton.cdiv(m, block_m), heads)
+        cfg = _fwd_config(n, kp)
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]), heads)
+        scratch = torch.empty(grid[0] * heads * cfg["BLOCK_M"] * cfg["CAP"], device=query.device, dtype=torch.int64)
         kernels.pk_topk_fwd_kernel[grid](
-            q, sub_keys, scores, ids, m, n, heads,
+            q, sub_keys, scores, ids, scratch, m, n, heads,
             DK=dk, DH_PAD=_pow2(dk // 2, 16), PER_HEAD=sub_keys.dim() == 4,
-            K=k, K_PAD=_pow2(k, 2), CAND=candidates, KP=kp,
-            BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=upcast, PRECISION=precision,
-            num_warps=4,
+            K=k, K_PAD=_pow2(k, 2), CAND=candidates, KP=kp, UPCAST=upcast, PRECISION=precision, **cfg,
         )
     return scores.reshape(*query.shape[:-1], k), ids.reshape(*query.shape[:-1], k)
 

@@ -44,6 +44,43 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("k, cand", [(16, 16), (64, 64), (7, 10)])
+def test_forward_several_tiles(k, cand, device):
+    """n = 300: three tiles of sub-keys, the last one partial, so the threshold pass and
+    the compaction run across tiles (k = 64: 64 groups and 128 scratch slots per row)."""
+    q, keys = _inputs((5,), 2, 300, 16, False, torch.float32, torch.float32, device, seed=3)
+    s, i = pk.product_key_topk(q, keys, k, candidates=cand, backend="triton")
+    s_ref, i_ref = ref.product_key_topk(q, keys, k, cand)
+    assert torch.equal(i, i_ref)
+    torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-5)
+    if cand >= k:
+        assert torch.equal(i, ref.brute_force_topk(q, keys, k)[1])
+
+
+def test_ties_keep_the_lowest_ids(device):
+    """All scores equal (zero sub-keys): every sub-key survives the threshold, the kernel
+    takes its exact fallback, and ties go to the lowest ids, in order."""
+    q, _ = _inputs((6,), 2, 200, 16, False, torch.float32, torch.float32, device)
+    keys = torch.zeros(2, 2, 200, 8, device=device)
+    s, i = pk.product_key_topk(q, keys, 5, backend="triton")
+    assert torch.equal(s, torch.zeros_like(s))
+    # the top 5 of equal pair sums: pairs (a, b) with (a+1)(b+1) <= 5, lowest id i*n + j first
+    expect = torch.tensor([0, 1, 2, 3, 4], device=device)
+    assert torch.equal(i, expect.expand_as(i))
+
+
+def test_nan_in_query_is_not_hidden(device):
+    q, keys = _inputs((4,), 2, 150, 16, False, torch.float32, torch.float32, device, seed=5)
+    q[2, 1, 3] = float("nan")
+    s, i = pk.product_key_topk(q, keys, 4, backend="triton")
+    assert torch.isnan(s[2, 1]).all()
+    assert ((i >= 0) & (i < 150 * 150)).all()
+    ok = torch.ones_like(s, dtype=torch.bool)
+    ok[2, 1] = False
+    s_ref, i_ref = ref.product_key_topk(q, keys, 4, 4)
+    assert torch.equal(i[ok], i_ref[ok])
+
+
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("case", CASES)
 def test_forward_fp32_matches_reference_and_brute_force(case, shared, device):
