@@ -13,7 +13,11 @@ import triton
 from . import reference
 from .checks import check_expert_args, check_index_range, resolve_backend
 from .csrc_triton.activations import ACT_CODES
-from .csrc_triton.peer_experts_bwd import peer_experts_bwd_tables_kernel, peer_experts_bwd_token_kernel
+from .csrc_triton.peer_experts_bwd import (
+    csr_offsets_kernel,
+    peer_experts_bwd_tables_kernel,
+    peer_experts_bwd_token_kernel,
+)
 from .csrc_triton.peer_experts_fwd import peer_experts_fwd_kernel
 
 __all__ = ["peer_experts", "BACKWARD_MODES"]
@@ -50,10 +54,35 @@ def _sorted_slots(idx: torch.Tensor, num_rows: int):
     flat = idx.reshape(-1)
     if num_rows < 2**31:
         flat = flat.to(torch.int32)  # a 32-bit radix sort is about twice as fast
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_rows)
-    offsets = torch.zeros(num_rows + 1, device=idx.device, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=offsets[1:])
+    ids, order = torch.sort(flat, stable=True)
+    offsets = torch.empty(num_rows + 1, device=idx.device, dtype=torch.int64)
+    block = 1024
+    csr_offsets_kernel[(triton.cdiv(num_rows + 1, block),)](
+        ids, offsets, ids.numel(), num_rows, STEPS=max(1, ids.numel().bit_length()), BLOCK=block, num_warps=4,
+    )
+    return order, offsets
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _sorted_slots_overlapped(idx: torch.Tensor, num_rows: int, work):
+    """Runs _sorted_slots on a side stream while `work()` (the token kernel) runs on the
+    current stream, then joins: the sort only needs the ids. CPU: one after the other."""
+    if not idx.is_cuda:
+        work()
+        return _sorted_slots(idx, num_rows)
+    main = torch.cuda.current_stream(idx.device)
+    side = _SIDE_STREAMS.get(idx.device)
+    if side is None:
+        side = _SIDE_STREAMS[idx.device] = torch.cuda.Stream(idx.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        order, offsets = _sorted_slots(idx, num_rows)
+    work()
+    main.wait_stream(side)
+    order.record_stream(main)  # allocated on the side stream, used (and freed) on the main one
+    offsets.record_stream(main)
     return order, offsets
 
 
@@ -79,12 +108,15 @@ def _launch_bwd(dy, x, idx, gates, down, up, pre, activation, mode):
     coef = torch.empty((t, hk), device=x.device, dtype=torch.float32)
     ddown = torch.empty_like(down)
     dup = torch.empty_like(up)
-    if t > 0:
-        peer_experts_bwd_token_kernel[(t,)](
-            dy, x, idx, gates, pre, down, up, dx, dgates, dh, coef, ddown, dup,
-            D=d, D_PAD=d_pad, HK=hk, BLOCK_S=block_s, ACT=act, ATOMIC=False, num_warps=warps,
-        )
-    order, offsets = _sorted_slots(idx, n_rows)
+
+    def token_kernel():
+        if t > 0:
+            peer_experts_bwd_token_kernel[(t,)](
+                dy, x, idx, gates, pre, down, up, dx, dgates, dh, coef, ddown, dup,
+                D=d, D_PAD=d_pad, HK=hk, BLOCK_S=block_s, ACT=act, ATOMIC=False, num_warps=warps,
+            )
+
+    order, offsets = _sorted_slots_overlapped(idx, n_rows, token_kernel)
     rows = 4
     peer_experts_bwd_tables_kernel[(triton.cdiv(n_rows, rows),)](
         order, offsets, x, dy, dh, coef, ddown, dup, n_rows,

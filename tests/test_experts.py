@@ -80,6 +80,26 @@ def test_all_tokens_to_one_expert(backward, device):
     assert (grads[2][other] == 0).all() and (grads[3][other] == 0).all()
 
 
+@pytest.mark.parametrize("ids", ["uniform", "one_row", "first_and_last", "empty"])
+def test_sorted_slots_csr(ids, device):
+    """The backward's sort: stable order of the slots by id and CSR row starts, against
+    argsort + bincount, for spread, all-equal, extreme and empty ids."""
+    from peer_kernels.experts import _sorted_slots
+
+    n = 50
+    g = torch.Generator().manual_seed(1)
+    idx = {"uniform": torch.randint(0, n, (37, 6), generator=g),
+           "one_row": torch.full((9, 4), 17),
+           "first_and_last": torch.tensor([[n - 1, 0, n - 1], [0, 0, n - 1]]),
+           "empty": torch.zeros(0, 4, dtype=torch.int64)}[ids].to(device)
+    order, offsets = _sorted_slots(idx, n)
+    flat = idx.reshape(-1).cpu()
+    assert torch.equal(order.cpu(), torch.argsort(flat, stable=True))
+    expect = torch.zeros(n + 1, dtype=torch.int64)
+    expect[1:] = torch.bincount(flat, minlength=n).cumsum(0)
+    assert torch.equal(offsets.cpu(), expect)
+
+
 def test_zero_gates_and_int32_indices(device):
     x, idx, gates, down, up = _inputs((5,), 2, 4, 24, 30, torch.float32, device=device, seed=5)
     gates[:, 1] = 0
