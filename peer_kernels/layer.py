@@ -125,10 +125,10 @@ class PEER(nn.Module):
         deterministic: passed to peer_experts (None: follows
             torch.are_deterministic_algorithms_enabled()).
         backward: the expert backward, passed to peer_experts: None or "sorted" (its
-            default: deterministic, no atomics) or "atomic" (fp32 atomics into scratch
-            tables: more memory, not deterministic; it has no host sync, so it is the
-            one that can be captured in a CUDA graph, e.g. by torch.compile
-            mode="reduce-overhead", while the sorted path's id counting syncs).
+            default: pairs sorted by expert id, deterministic, no atomics) or "atomic"
+            (fp32 atomics into scratch tables: more memory, not deterministic, no sort:
+            the fallback for CUDA-graph capture, e.g. torch.compile
+            mode="reduce-overhead", where the sorted path cannot be captured).
         device, dtype: factory keywords for the parameters.
 
     peer-pytorch keyword names are accepted as aliases: `num_experts_per_head` (k),

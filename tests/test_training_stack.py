@@ -228,12 +228,10 @@ def test_compile_reduce_overhead_gpu_atomic_backward():
 
 
 @gpu
-@pytest.mark.xfail(strict=True, reason="the default sorted expert backward counts ids with torch.bincount, which "
-                   "syncs with the host (illegal during CUDA-graph capture); experts.py must build the CSR "
-                   "offsets without a sync (e.g. searchsorted on the sorted ids) before this passes")
 def test_compile_reduce_overhead_gpu_sorted_backward():
-    """The same with the default (sorted) backward, in a child process so that a failed
-    capture cannot leave this process's CUDA context in a bad state."""
+    """The same with the default (sorted) backward. Its id sort and CSR offsets must not
+    sync with the host (torch.bincount does: illegal during capture). In a child process,
+    so that a failed capture cannot leave this process's CUDA context in a bad state."""
     code = ("import sys; sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r}); "
             "import test_training_stack as t; t._reduce_overhead_training('sorted')").format(
         tests=os.path.dirname(os.path.abspath(__file__)), root=ROOT)
