@@ -17,9 +17,10 @@ Reports per backend: loss per step, tokens/s, step time, peak memory, and at the
 held-out loss and expert usage / unevenness per PEER layer (paper Table 2, from
 peer_kernels.ExpertUsage with gate weights). Writes a JSON of the run and a PNG of loss
 and throughput (the PNG needs matplotlib, the `bench` extra; without it a note is printed;
-`--plot-only RUN.json` draws it later). The Triton and reference loss curves must agree:
-fp32, per step |dloss| <= 1e-3; bf16 autocast, mean loss of the last steps within 2%
-(see `compare_curves`). Exit status 1 if they do not.
+`--plot-only RUN.json` draws it later). The Triton and reference loss curves must agree
+(`compare_curves`): fp32, |dloss| <= 1e-3 over the first 20 steps and the mean loss of the
+last steps within 1%; bf16 autocast, the mean loss of the last steps within 2%. Exit
+status 1 if they do not.
 
     python bench/train.py                  # CPU: small config, torch backend (~1-2 min)
     python bench/train.py                  # CUDA: d=1024, N=1024^2, T=8192, all backends
@@ -65,7 +66,9 @@ import peer_kernels as pk  # noqa: E402
 
 BACKENDS = ("triton", "torch", "peer-pytorch")
 VOCAB = 256  # byte tokens
-FP32_ATOL = 1e-3  # fp32: max |loss_a - loss_b| over the compared steps
+FP32_ATOL = 1e-3  # fp32: max |loss_a - loss_b| over the first FP32_EARLY_STEPS steps
+FP32_EARLY_STEPS = 20
+FP32_LEVEL_RTOL = 0.01  # fp32: relative difference of the mean loss over the last steps
 BF16_RTOL = 0.02  # bf16 autocast: relative difference of the mean loss over the last steps
 CKPT_FORMAT = 1
 
@@ -363,7 +366,7 @@ def build_model(cfg: Config, backend: str, device: torch.device) -> ByteLM:
 
 
 def is_peer(m: nn.Module) -> bool:
-    return isinstance(m, pk.PEER) or type(m).__name__ == "PEER" and hasattr(m, "weight_down_embed")
+    return isinstance(m, pk.PEER) or (type(m).__name__ == "PEER" and hasattr(m, "weight_down_embed"))
 
 
 @torch.no_grad()
@@ -500,10 +503,10 @@ def run_backend(backend: str, stop: int, cfg: Config, train: torch.Tensor, val: 
     """Trains one backend from step 0 (or the checkpoint's step) up to `stop`, then
     evaluates. Returns its result row (losses, timings, memory, usage)."""
     release(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     model = build_model(cfg, backend, device)
     opt = make_optimizer(model, cfg, device)
+    if device.type == "cuda":  # the peak from here on: the model's weights count, building it does not
+        torch.cuda.reset_peak_memory_stats(device)
     sampler = Batches(train, cfg.batch, cfg.seq_len, cfg.seed)
     hist = dict(loss=[], lr=[], step_ms=[])
     if resume_state is not None:
@@ -576,32 +579,42 @@ def run_backend(backend: str, stop: int, cfg: Config, train: torch.Tensor, val: 
 # ---- report -------------------------------------------------------------------------
 
 def compare_curves(a: list, b: list, fp32: bool) -> dict | None:
-    """Agreement of two loss curves over their common steps.
+    """Agreement of two loss curves (same weights, same batches) over their common steps.
 
-    fp32: every step within FP32_ATOL = 1e-3. Both backends start from the same weights
-    and batches, so step 1 differs only by summation order (~1e-7 relative); the
-    differences then grow slowly through the updates, and stay far below 1e-3 over the
-    hundreds of steps of these runs; a wrong gradient moves the loss by more.
-    bf16 autocast: the mean loss over the last max(10, n/10) steps within BF16_RTOL = 2%
-    (relative). bf16 keeps 8 significant bits (0.4% per rounding) and the backends round
-    at different places (the reference rounds gathered rows and partial sums to bf16 in
-    its einsums, the kernels accumulate in fp32): a near-tie in a top-k then picks
-    another expert, and the two trajectories separate like two runs of one model on
-    different hardware. Per-step losses drift apart by batch noise, while the level the
-    model reaches must be the same: a few percent of the loss."""
+    Two runs of one model that differ only in rounding are chaotic: a near-tie in a
+    top-k flips, another expert learns, and the difference grows by about 10x every
+    10-20 steps (measured, CPU default config in fp32, torch vs peer-pytorch: |dloss| = 0
+    for 10 steps, 4e-6 at step 20, 1e-4 at 40, 2e-3 at 60, then 3e-3 - 3e-2 with the same
+    level). So the curves must agree step by step at first and in level after that:
+
+    fp32: |dloss| <= FP32_ATOL = 1e-3 over the first FP32_EARLY_STEPS = 20 steps (the
+      backends differ only in summation order, ~1e-7 relative per operation; a wrong
+      gradient shows at step 2), and the mean loss of the last max(10, n/10) steps within
+      FP32_LEVEL_RTOL = 1% (measured 0.02% after 300 steps).
+    bf16 autocast: the mean loss of the last max(10, n/10) steps within BF16_RTOL = 2%.
+      bf16 keeps 8 significant bits (0.4% per rounding) and the backends round at other
+      places (the reference rounds gathered rows and products to bf16 in its einsums, the
+      kernels accumulate in fp32), so the trajectories separate from the first steps; on
+      the same batches the batch noise is common to both, and the level the model reaches
+      must be the same to a few percent."""
     n = min(len(a), len(b))
     if n == 0:
         return None
     diffs = [abs(x - y) for x, y in zip(a[:n], b[:n])]
+    early = min(n, FP32_EARLY_STEPS)
     last = min(n, max(10, n // 10))
     ma, mb = statistics.fmean(a[n - last:n]), statistics.fmean(b[n - last:n])
     rel = abs(ma - mb) / max(abs(mb), 1e-12)
     if fp32:
-        ok, rule = max(diffs) <= FP32_ATOL, f"fp32: max |loss difference| per step <= {FP32_ATOL}"
+        ok = max(diffs[:early]) <= FP32_ATOL and rel <= FP32_LEVEL_RTOL
+        rule = (f"fp32: |loss difference| <= {FP32_ATOL} over the first {early} steps and the mean loss of the "
+                f"last {last} steps within {FP32_LEVEL_RTOL:.0%}")
     else:
-        ok, rule = rel <= BF16_RTOL, f"bf16: mean loss of the last {last} steps within {BF16_RTOL:.0%} (relative)"
-    return dict(steps=n, max_abs_diff=max(diffs), mean_last_steps=last, mean_last=[ma, mb],
-                rel_diff_mean_last=rel, rule=rule, ok=bool(ok) and all(map(math.isfinite, (ma, mb))))
+        ok = rel <= BF16_RTOL
+        rule = f"bf16: the mean loss of the last {last} steps within {BF16_RTOL:.0%}"
+    return dict(steps=n, max_abs_diff=max(diffs), early_steps=early, max_abs_diff_early=max(diffs[:early]),
+                mean_last_steps=last, mean_last=[ma, mb], rel_diff_mean_last=rel, rule=rule,
+                ok=bool(ok) and all(map(math.isfinite, (ma, mb))))
 
 
 def device_slug(name: str) -> str:
@@ -629,13 +642,14 @@ def plot(result: dict, png: Path) -> bool:
     fig, axes = plt.subplots(1, 3 if others else 2, figsize=(18 if others else 12, 4.5))
     ax1, ax2 = axes[0], axes[1]
     styles = {"triton": "-", "torch": "--", "peer-pytorch": ":"}
+    colors = {"triton": "C0", "torch": "C1", "peer-pytorch": "C2"}
     for name, row in rows.items():
         steps = range(1, len(row["loss"]) + 1)
-        ax1.plot(steps, row["loss"], styles.get(name, "-"), label=name, lw=1)
+        ax1.plot(steps, row["loss"], styles[name], color=colors[name], label=name, lw=1)
         w = 5  # moving average over w steps for the throughput
         ms = row["step_ms"]
         smooth = [sum(ms[max(0, i - w + 1):i + 1]) / len(ms[max(0, i - w + 1):i + 1]) for i in range(len(ms))]
-        ax2.plot(steps, [tokens / (m * 1e-3) for m in smooth], styles.get(name, "-"),
+        ax2.plot(steps, [tokens / (m * 1e-3) for m in smooth], styles[name], color=colors[name],
                  label=f"{name} ({row['tokens_per_s'] or 0:,.0f} tok/s)", lw=1)
     ax1.set(xlabel="step", ylabel="training loss (nats / byte)", title="loss")
     ax2.set(xlabel="step", ylabel="tokens / s", title=f"throughput ({tokens} tokens / step, mean of 5 steps)")
@@ -643,7 +657,7 @@ def plot(result: dict, png: Path) -> bool:
     for name in others:
         n = min(len(rows[name]["loss"]), len(ref["loss"]))
         axes[2].plot(range(1, n + 1), [a - b for a, b in zip(rows[name]["loss"][:n], ref["loss"][:n])],
-                     styles.get(name, "-"), label=name, lw=1)
+                     styles[name], color=colors[name], label=name, lw=1)
     if others:
         axes[2].axhline(0.0, color="k", lw=0.5)
         axes[2].set(xlabel="step", ylabel="loss - torch loss", title="difference from the reference (torch)")
@@ -677,8 +691,9 @@ def summarize(result: dict) -> None:
         print(f"speed-up {pair}: {s:.2f}x tokens/s")
     for pair, c in result["agreement"].items():
         print(f"loss curves {pair}: {'OK' if c['ok'] else 'DISAGREE'} over {c['steps']} steps: max |diff| "
-              f"{c['max_abs_diff']:.2e}, mean of last {c['mean_last_steps']} {c['mean_last'][0]:.4f} vs "
-              f"{c['mean_last'][1]:.4f} ({100 * c['rel_diff_mean_last']:.2f}%); rule {c['rule']}")
+              f"{c['max_abs_diff_early']:.2e} over the first {c['early_steps']}, {c['max_abs_diff']:.2e} over all; "
+              f"mean of the last {c['mean_last_steps']} {c['mean_last'][0]:.4f} vs {c['mean_last'][1]:.4f} "
+              f"({100 * c['rel_diff_mean_last']:.2f}%); rule: {c['rule']}")
 
 
 # ---- main ---------------------------------------------------------------------------
