@@ -22,15 +22,15 @@ and throughput (the PNG needs matplotlib, the `bench` extra; without it a note i
 last steps within 1%; bf16 autocast, the mean loss of the last steps within 2%. Exit
 status 1 if they do not.
 
-    python bench/train.py                  # CPU: small config, torch backend (~1-2 min)
+    python bench/train.py                  # CPU: small config, torch backend (about a minute)
     python bench/train.py                  # CUDA: d=1024, N=1024^2, T=8192, all backends
     python bench/train.py --backends torch,triton:3      # CPU: 3 steps in the Triton interpreter too
     python bench/train.py --steps 400 --backends torch:200 --save ck && python bench/train.py --resume ck
 
 Defaults (CUDA / CPU): 4 / 3 blocks, d = 1024 / 128, PEER in block 2 / 1 with
 N = 1024^2 / 64^2 experts, 8 / 4 heads, k = 16 / 8, Dk = 128 / 32; 8 sequences of
-1024 / 128 bytes per step; 200 / 150 steps; bf16 autocast with fp32 master weights on
-CUDA, fp32 on the CPU.
+1024 / 128 bytes per step; 200 / 300 steps, AdamW lr 1e-3; bf16 autocast with fp32
+master weights on CUDA, fp32 on the CPU.
 """
 from __future__ import annotations
 
@@ -808,6 +808,7 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         print("note: no CUDA GPU: CPU timings; the triton backend would run in the Triton interpreter (slow)")
 
+    t_run = time.perf_counter()
     rows = {}
     for backend, stop in plan:
         stop = min(cfg.steps, stop or cfg.steps)
@@ -825,12 +826,13 @@ def main(argv=None) -> int:
         torch=torch.__version__, triton=triton.__version__, peer_kernels=pk.__version__, peer_pytorch=pp_version,
         python=platform.python_version(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
         command=" ".join(["python", "bench/train.py", *(sys.argv[1:] if argv is None else argv)]),
-        config=dataclasses.asdict(cfg), data=data_info, backends=rows,
+        wall_s=time.perf_counter() - t_run, config=dataclasses.asdict(cfg), data=data_info, backends=rows,
         speedup={f"{a}_vs_{b}": speed(a, b) for a, b in pairs[:2] if speed(a, b)},
         agreement={f"{a}_vs_{b}": compare_curves(rows[a]["loss"], rows[b]["loss"], cfg.dtype == "fp32")
                    for a, b in (("triton", "torch"), ("peer-pytorch", "torch")) if a in rows and b in rows})
     result["agreement"] = {k: v for k, v in result["agreement"].items() if v is not None}
     summarize(result)
+    print(f"total {fmt_time(result['wall_s'])}")
 
     date = datetime.date.today().isoformat()
     out = Path(args.out) if args.out else \
