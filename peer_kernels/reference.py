@@ -36,6 +36,12 @@ def activation_fn(name: str):
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
 
 
+def _fp32_math(t: torch.Tensor):
+    """The reference's fp32 contract holds under torch.autocast too (autocast would run
+    the einsums in bf16 and change the selected experts)."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 def _per_head_keys(query: torch.Tensor, sub_keys: torch.Tensor) -> torch.Tensor:
     """[H, 2, n, Dk/2] view of the sub-keys (shared keys broadcast over heads)."""
     if sub_keys.dim() == 3:
@@ -56,7 +62,8 @@ def product_key_topk(query: torch.Tensor, sub_keys: torch.Tensor, k: int, candid
     keys = _per_head_keys(query, sub_keys).to(cdt)  # [H, 2, n, Dh]
     n, dh = keys.shape[-2], keys.shape[-1]
     q = query.to(cdt).unflatten(-1, (2, dh))  # [..., H, 2, Dh]
-    s = torch.einsum("...hpd,hpnd->...hpn", q, keys)  # [..., H, 2, n]
+    with _fp32_math(query):
+        s = torch.einsum("...hpd,hpnd->...hpn", q, keys)  # [..., H, 2, n]
     top_s, top_i = s.topk(candidates, dim=-1)  # [..., H, 2, c]
     pair_s = top_s[..., 0, :, None] + top_s[..., 1, None, :]  # [..., H, c, c]
     pair_i = top_i[..., 0, :, None] * n + top_i[..., 1, None, :]
@@ -74,7 +81,8 @@ def brute_force_topk(query: torch.Tensor, sub_keys: torch.Tensor, k: int):
     full = torch.cat(
         [keys[:, 0, :, None, :].expand(-1, n, n, dh), keys[:, 1, None, :, :].expand(-1, n, n, dh)], dim=-1
     ).reshape(keys.shape[0], n * n, 2 * dh)  # [H, n*n, Dk], row i*n + j
-    s = torch.einsum("...hd,hed->...he", query.to(cdt), full)
+    with _fp32_math(query):
+        s = torch.einsum("...hd,hed->...he", query.to(cdt), full)
     return s.topk(k, dim=-1)
 
 
@@ -89,7 +97,8 @@ def peer_experts(x, indices, gates, down, up, activation: str = "gelu"):
     idx = indices.long()
     w_down = F.embedding(idx, down).to(cdt)  # [..., H, k, D]
     w_up = F.embedding(idx, up).to(cdt)
-    h = torch.einsum("...d,...hkd->...hk", x.to(cdt), w_down)
-    coef = act(h) * gates.to(cdt)
-    y = torch.einsum("...hk,...hkd->...d", coef, w_up)
+    with _fp32_math(x):
+        h = torch.einsum("...d,...hkd->...hk", x.to(cdt), w_down)
+        coef = act(h) * gates.to(cdt)
+        y = torch.einsum("...hk,...hkd->...d", coef, w_up)
     return y.to(x.dtype)

@@ -263,3 +263,11 @@ def test_gpu_paper_sizes(t, d):
     gates = gates.softmax(-1)
     for backward in ("sorted", "atomic"):
         check_against_reference(x, idx, gates, down, up, "gelu", backward)
+
+
+def test_reference_keeps_fp32_under_autocast():
+    x, idx, gates, down, up = _inputs((9,), 2, 3, 40, 30, torch.float32, seed=4)
+    expect = ref.peer_experts(x, idx, gates, down, up)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ref.peer_experts(x, idx, gates, down, up)
+    assert got.dtype == torch.float32 and torch.equal(got, expect)

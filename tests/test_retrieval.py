@@ -274,3 +274,13 @@ def test_gpu_paper_config(shared):
     s_ref, i_ref = ref.product_key_topk(q, keys, 64, 64)
     assert torch.equal(i, i_ref)
     torch.testing.assert_close(s, s_ref, atol=1e-4, rtol=1e-5)
+
+
+def test_reference_keeps_fp32_under_autocast():
+    """autocast must not turn the reference's fp32 math into bf16 (other experts)."""
+    q, keys = _inputs((40,), 2, 64, 32, False, torch.float32, torch.float32, "cpu", seed=9)
+    expect = ref.product_key_topk(q, keys, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ref.product_key_topk(q, keys, 8)
+    assert got[0].dtype == torch.float32
+    assert torch.equal(got[1], expect[1]) and torch.equal(got[0], expect[0])
