@@ -50,6 +50,21 @@ def _unpack(packed):
     return bits.to(tl.float32, bitcast=True), (16777216 - low).to(tl.int32)
 
 
+# Loops of up to UNROLL_MAX rounds are unrolled (the measured H200 code of the paper
+# config, K = 16); longer ones run as loops: unrolled, K = 32 took 84 s and K = 64 minutes
+# to compile (the GPU test suite seemed to hang), as a loop 6 s and 18 s.
+UNROLL_MAX = tl.constexpr(16)
+
+
+@triton.jit
+def _merge_round(best, packed, new, slot, r):
+    m = tl.maximum(tl.max(packed, axis=1), tl.max(best, axis=1))  # [BM]
+    new = tl.where(slot[None, :] == r, m[:, None], new)
+    packed = tl.where(packed == m[:, None], -9223372036854775808, packed)
+    best = tl.where(best == m[:, None], -9223372036854775808, best)
+    return best, packed, new
+
+
 @triton.jit
 def _merge_topk(best, packed, KP: tl.constexpr):
     """Top-KP (descending) of the union of best [BM, KP] and packed [BM, BN], by KP
@@ -57,11 +72,12 @@ def _merge_topk(best, packed, KP: tl.constexpr):
     Packed values are unique, so each round removes exactly one element."""
     slot = tl.arange(0, KP)
     new = tl.full(best.shape, -9223372036854775808, tl.int64)
-    for r in tl.static_range(KP):
-        m = tl.maximum(tl.max(packed, axis=1), tl.max(best, axis=1))  # [BM]
-        new = tl.where(slot[None, :] == r, m[:, None], new)
-        packed = tl.where(packed == m[:, None], -9223372036854775808, packed)
-        best = tl.where(best == m[:, None], -9223372036854775808, best)
+    if KP <= UNROLL_MAX:
+        for r in tl.static_range(KP):
+            best, packed, new = _merge_round(best, packed, new, slot, r)
+    else:
+        for r in range(KP):
+            best, packed, new = _merge_round(best, packed, new, slot, r)
     return new
 
 
@@ -229,6 +245,14 @@ def pk_topk_bwd_query_kernel(
 
 
 @triton.jit
+def _select_add(sel, sub_base, dscores_ptr, row, r_mask, offs_n, r, K: tl.constexpr):
+    """sel[m, c] += g[m, r] where the r-th selected expert of row m uses sub-key c."""
+    sub = tl.load(sub_base + row * K + r, mask=r_mask, other=-1)  # [BLOCK_M] int32
+    g = tl.load(dscores_ptr + row * K + r, mask=r_mask, other=0.0)
+    return sel + tl.where(sub[:, None] == offs_n[None, :], g[:, None], 0.0)
+
+
+@triton.jit
 def pk_topk_bwd_keys_kernel(
     dscores_ptr, sub_ptr, q_ptr, part_ptr,
     M, n, H, rows_per_split,
@@ -263,10 +287,12 @@ def pk_topk_bwd_keys_kernel(
             row = offs_r.to(tl.int64)
         sel = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)  # [BLOCK_M, BLOCK_N] sparse S tile
         sub_base = sub_ptr + p * (M * H * K)
-        for r in tl.static_range(K):
-            sub = tl.load(sub_base + row * K + r, mask=r_mask, other=-1)  # [BLOCK_M] int32
-            g = tl.load(dscores_ptr + row * K + r, mask=r_mask, other=0.0)
-            sel += tl.where(sub[:, None] == offs_n[None, :], g[:, None], 0.0)
+        if K <= UNROLL_MAX:
+            for r in tl.static_range(K):
+                sel = _select_add(sel, sub_base, dscores_ptr, row, r_mask, offs_n, r, K)
+        else:
+            for r in range(K):
+                sel = _select_add(sel, sub_base, dscores_ptr, row, r_mask, offs_n, r, K)
         q = tl.load(q_ptr + row[:, None] * DK + p * DH + offs_d[None, :],
                     mask=r_mask[:, None] & (offs_d < DH)[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, DH_PAD]
         acc += tl.dot(tl.trans(sel), q, input_precision=PRECISION)

@@ -37,7 +37,12 @@ def _fwd_config(n: int, kp: int) -> dict:
     CAP scratch slots per row hold the survivors (~1.3 KP on random data, see the kernel)."""
     block_n = max(kp, min(128, _pow2(n, 16)))
     groups = max(kp, min(32, block_n))
-    return dict(BLOCK_M=16, BLOCK_N=block_n, GROUPS=groups, CAP=max(64, 2 * kp), num_warps=4)
+    cfg = dict(BLOCK_M=16, BLOCK_N=block_n, GROUPS=groups, CAP=max(64, 2 * kp), num_warps=4)
+    if not interpreting():
+        # ptxas takes ~193 registers unasked (2 blocks per SM); capped at 128 (some spills)
+        # 6 blocks fit and the H200 forward drops from 0.92 to 0.72 ms (bench/NOTES.md)
+        cfg["maxnreg"] = 128
+    return cfg
 
 
 def _launch_fwd(query: torch.Tensor, sub_keys: torch.Tensor, k: int, candidates: int):
