@@ -25,7 +25,8 @@ PASSES = ("fwd", "bwd", "fwd+bwd")
 
 
 def _run(*args, timeout=240):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     return subprocess.run([sys.executable, os.path.join(BENCH, "run.py"), *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=ROOT)
 
