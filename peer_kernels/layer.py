@@ -126,9 +126,9 @@ class PEER(nn.Module):
             torch.are_deterministic_algorithms_enabled()).
         backward: the expert backward, passed to peer_experts: None or "sorted" (its
             default: pairs sorted by expert id, deterministic, no atomics) or "atomic"
-            (fp32 atomics into scratch tables: more memory, not deterministic, no sort:
-            the fallback for CUDA-graph capture, e.g. torch.compile
-            mode="reduce-overhead", where the sorted path cannot be captured).
+            (fp32 atomics into fp32 scratch tables of 2 x N x D: more memory, not
+            deterministic, slower on the H200). Both have no host sync, so both can be
+            captured by CUDA graphs (torch.compile mode="reduce-overhead").
         device, dtype: factory keywords for the parameters.
 
     peer-pytorch keyword names are accepted as aliases: `num_experts_per_head` (k),
