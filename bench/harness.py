@@ -225,24 +225,33 @@ def format_rows(rows: list, peers: tuple[str, ...]) -> list[str]:
 
 def compare(old: dict, new: dict, threshold_pct: float = 5.0) -> tuple[list[str], list[dict]]:
     """Rows matched by row_key: old ms, new ms, change %. A row slower by more than
-    threshold_pct is flagged REGRESSION. Returns the lines to print and the changes."""
-    old_rows = {row_key(r): r for r in old["rows"] if r.get("ms") is not None}
+    threshold_pct, or timed before and failing now, is flagged REGRESSION. Returns the
+    lines to print and the changes."""
+    old_rows = {row_key(r): r for r in old["rows"]}
     lines = [f"comparison: old {old['env'].get('gpu') or old['env'].get('cpu')} {old['env'].get('date')} -> "
              f"new {new['env'].get('gpu') or new['env'].get('cpu')} {new['env'].get('date')} "
-             f"(regression: slower by more than {threshold_pct:g}%)",
+             f"(regression: slower by more than {threshold_pct:g}%, or failing now)",
              f"  {'old ms':>10s} {'new ms':>10s} {'change':>8s}  row"]
     changes, missing_old = [], 0
     for r in new["rows"]:
         key = row_key(r)
         o = old_rows.pop(key, None)
-        if o is None or r.get("ms") is None:
-            missing_old += o is None
+        if o is None:
+            missing_old += 1
+            continue
+        if r.get("ms") is None or o.get("ms") is None:
+            if r.get("ms") is None and o.get("ms") is not None:
+                changes.append(dict(key=key, old_ms=o["ms"], new_ms=None, change_pct=None, flag="REGRESSION"))
+                lines.append(f"  {o['ms']:10.3f} {'FAILED':>10s} {'':>8s}  {key}  REGRESSION: {r.get('error')}")
+            elif r.get("ms") is not None:
+                changes.append(dict(key=key, old_ms=None, new_ms=r["ms"], change_pct=None, flag="fixed"))
+                lines.append(f"  {'FAILED':>10s} {r['ms']:10.3f} {'':>8s}  {key}  fixed")
             continue
         pct = 100.0 * (r["ms"] - o["ms"]) / o["ms"]
         flag = "REGRESSION" if pct > threshold_pct else ("faster" if pct < -threshold_pct else "")
         changes.append(dict(key=key, old_ms=o["ms"], new_ms=r["ms"], change_pct=pct, flag=flag))
         lines.append(f"  {o['ms']:10.3f} {r['ms']:10.3f} {pct:+7.1f}%  {key}  {flag}")
     regressions = sum(c["flag"] == "REGRESSION" for c in changes)
-    lines.append(f"{len(changes)} rows compared, {regressions} regression(s) beyond {threshold_pct:g}%; "
+    lines.append(f"{len(changes)} rows compared, {regressions} regression(s) beyond {threshold_pct:g}% or failing; "
                  f"{missing_old} new row(s) not in the old run, {len(old_rows)} old row(s) not in the new run")
     return lines, changes

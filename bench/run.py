@@ -197,9 +197,10 @@ def _run_config(cases, case, config, tags, backends, device, dtype, copy_gbps, r
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.against:
-        lines, _ = harness.compare(harness.load_json(args.compare), harness.load_json(args.against), args.threshold)
+        lines, changes = harness.compare(harness.load_json(args.compare), harness.load_json(args.against),
+                                         args.threshold)
         print("\n".join(lines))
-        return 0
+        return 1 if any(c["flag"] == "REGRESSION" for c in changes) else 0
     old = harness.load_json(args.compare) if args.compare else None
     t_start = time.perf_counter()
     device = harness.setup_device(args.device)
@@ -254,12 +255,14 @@ def main(argv=None) -> int:
                 print(f"plot: {p}")
         except ImportError as e:
             print(f"plots skipped: {e} (pip install '.[bench]' for matplotlib)")
+    changes = []
     if old is not None:
-        lines, _ = harness.compare(old, harness.load_json(path), args.threshold)
+        lines, changes = harness.compare(old, harness.load_json(path), args.threshold)
         print("\n" + "\n".join(lines))
     for n in notes:
         print(n)
-    return 0
+    # exit status 1 when a row failed or (with --compare) a row regressed
+    return 1 if errors or any(c["flag"] == "REGRESSION" for c in changes) else 0
 
 
 if __name__ == "__main__":

@@ -720,6 +720,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip", type=float, help="gradient-norm clip (0: none)")
     g.add_argument("--seed", type=int)
     g.add_argument("--dtype", choices=("bf16", "fp32"), help="bf16: autocast with fp32 master weights")
+    g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="auto: CUDA when available (its sizes, dtype and backends are the defaults)")
     g.add_argument("--data", help="train on this file instead of the Python standard library's sources")
     r = ap.add_argument_group("run")
     r.add_argument("--backends", help="comma list of triton, torch, peer-pytorch; 'name:S' stops that backend "
@@ -730,7 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--save-every", type=int, default=0, help="also save every this many steps")
     r.add_argument("--resume", help="checkpoint folder: continue each backend saved there (the config comes from "
                                     "the checkpoint)")
-    r.add_argument("--out", help="JSON of the run (default bench/results/train_<device>_<date>.json; PNG beside)")
+    r.add_argument("--out", help="JSON of the run (default bench/out/train_<device>_<date>.json, git-ignored; PNG beside)")
     r.add_argument("--plot-only", metavar="RUN.json", help="only draw the PNG of an existing JSON")
     return ap
 
@@ -760,7 +762,8 @@ def main(argv=None) -> int:
         with open(args.plot_only) as f:
             plot(json.load(f), Path(args.plot_only).with_suffix(".png"))
         return 0
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
+    device = torch.device("cuda" if use_cuda else "cpu")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
@@ -836,7 +839,7 @@ def main(argv=None) -> int:
 
     date = datetime.date.today().isoformat()
     out = Path(args.out) if args.out else \
-        ROOT / "bench" / "results" / f"train_{device_slug(where) if device.type == 'cuda' else 'cpu'}_{date}.json"
+        ROOT / "bench" / "out" / f"train_{device_slug(where) if device.type == 'cuda' else 'cpu'}_{date}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)

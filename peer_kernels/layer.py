@@ -127,8 +127,9 @@ class PEER(nn.Module):
         backward: the expert backward, passed to peer_experts: None or "sorted" (its
             default: pairs sorted by expert id, deterministic, no atomics) or "atomic"
             (fp32 atomics into fp32 scratch tables of 2 x N x D: more memory, not
-            deterministic, slower on the H200). Both have no host sync, so both can be
-            captured by CUDA graphs (torch.compile mode="reduce-overhead").
+            deterministic, slower on the H200). Neither syncs with the host; the sorted
+            one was captured by CUDA graphs (torch.compile mode="reduce-overhead") in a
+            test on the H200, the atomic one's test failed there (README, training).
         device, dtype: factory keywords for the parameters.
 
     peer-pytorch keyword names are accepted as aliases: `num_experts_per_head` (k),
