@@ -143,6 +143,12 @@ def _nvidia_driver() -> str | None:
         return None
 
 
+def device_slug(name: str) -> str:
+    """A GPU name as a file-name part: "NVIDIA H100 80GB HBM3" -> "h100-80gb-hbm3"."""
+    s = re.sub(r"^nvidia\s+|geforce\s+", "", name.lower())
+    return re.sub(r"[^a-z0-9]+", "-", s).strip("-") or "gpu"
+
+
 def env_info(device: str) -> dict:
     import torch
     import triton

@@ -25,7 +25,6 @@ import argparse
 import datetime
 import gc
 import os
-import re
 import sys
 import time
 
@@ -60,13 +59,6 @@ def parse_args(argv=None):
     if args.against and not args.compare:
         ap.error("--against needs --compare OLD.json")
     return args
-
-
-def _slug(env: dict) -> str:
-    if env["device"] != "cuda":
-        return "cpu"
-    words = re.findall(r"[a-z0-9]+", env["gpu"].lower())
-    return words[-1] if words else "gpu"
 
 
 def _select(args, device, cases, notes):
@@ -218,7 +210,7 @@ def main(argv=None) -> int:
     env = harness.env_info(device)
     env["copy_gbps"] = harness.copy_bandwidth_gbps(device)
     env["zipf_exponent"] = args.zipf_exponent
-    path = args.json or os.path.join(HERE, "out", f"suite_{_slug(env)}_{datetime.date.today().isoformat()}.json")
+    path = args.json or os.path.join(HERE, "out", f"suite_{harness.device_slug(env['gpu']) if device == 'cuda' else 'cpu'}_{datetime.date.today().isoformat()}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     run_args = dict(vars(args), cases=names, backends=backends)
     print(f"peer-kernels bench suite | {env['gpu'] or 'CPU ' + env['cpu']} | driver {env['driver']} | torch "

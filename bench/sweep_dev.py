@@ -1,10 +1,10 @@
-"""Development sweep: block sizes of the kernels and a time split of the backward passes.
+"""Development sweep: block sizes of the backward kernels and a time split of the backward passes.
 Prints one line per variant; used to pick the launch configs (see bench/NOTES.md)."""
 import os, sys, torch, triton
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from triton.testing import do_bench
 import peer_kernels as pk
-from peer_kernels import retrieval as R, experts as E
+from peer_kernels import retrieval as R
 from peer_kernels.csrc_triton import product_key_topk as K
 from peer_kernels.csrc_triton import peer_experts_fwd as EF, peer_experts_bwd as EB
 
@@ -16,16 +16,7 @@ T, H, n, dk, k = 4096, 8, 1024, 128, 16
 q = torch.randn(T, H, dk, device="cuda", dtype=torch.bfloat16)
 keys = torch.randn(H, 2, n, dk // 2, device="cuda", dtype=torch.bfloat16)
 s_ref, i_ref = pk.product_key_topk(q, keys, k, backend="torch")
-sc = torch.empty(T, H, k, device="cuda"); ids = torch.empty(T, H, k, device="cuda", dtype=torch.int64)
-for bm, bn, w in [(16, 128, 4), (64, 64, 4)]:
-    def f():
-        K.pk_topk_fwd_kernel[(triton.cdiv(T, bm), H)](q, keys, sc, ids, T, n, H, DK=dk, DH_PAD=64, PER_HEAD=True,
-            K=k, K_PAD=16, CAND=16, KP=16, BLOCK_M=bm, BLOCK_N=bn, UPCAST=False, PRECISION="tf32", num_warps=w)
-    try:
-        f(); ok = (ids == i_ref).float().mean().item()
-        print(f"pk fwd BM={bm} BN={bn} warps={w}: {ms(f):.4f} ms  id-match {ok:.5f}", flush=True)
-    except Exception as e:
-        print(f"pk fwd BM={bm} BN={bn} warps={w}: FAILED {type(e).__name__} {str(e)[:200]}", flush=True)
+# forward kernel configs: bench/dev_topk.py
 g = torch.randn(T, H, k, device="cuda")
 print(f"pk bwd total: {ms(lambda: R._launch_bwd(g, q, keys, i_ref)):.4f} ms", flush=True)
 dq = torch.empty_like(q)
@@ -54,13 +45,7 @@ for bs, w in [(8, 4), (16, 4), (16, 8)]:
     f = lambda: EB.peer_experts_bwd_token_kernel[(T,)](dy, x, idx, gates, pre, down, up, dx, dg, dh, coef, ddown, dup,
         D=D, D_PAD=1024, HK=H * k, BLOCK_S=bs, ACT=0, ATOMIC=False, num_warps=w)
     print(f"experts bwd token kernel BS={bs} warps={w}: {ms(f):.4f} ms", flush=True)
-print(f"experts sort+offsets: {ms(lambda: E._sorted_slots(idx, N)):.4f} ms", flush=True)
-order, offsets = E._sorted_slots(idx, N)
-for rows, bj, w in [(1, 4, 4), (4, 4, 4), (8, 4, 4), (4, 2, 4), (4, 4, 2), (16, 4, 4)]:
-    f = lambda: EB.peer_experts_bwd_tables_kernel[(triton.cdiv(N, rows),)](order, offsets, x, dy, dh, coef, ddown, dup, N,
-        D=D, D_PAD=1024, HK=H * k, ROWS=rows, BLOCK_J=bj, num_warps=w)
-    t = ms(f, rep=30); print(f"experts bwd tables kernel ROWS={rows} BJ={bj} warps={w}: {t:.4f} ms {2*N*D*2/t/1e9:.0f} GB/s written", flush=True)
-print(f"zeros of both tables (write floor): {ms(lambda: (ddown.zero_(), dup.zero_())):.4f} ms", flush=True)
+# sort, CSR offsets, tables-kernel configs and the write floor: bench/dev_experts.py
 dk2 = torch.zeros(2, H, n, dk // 2, device="cuda")
 hh = torch.arange(H, device="cuda")[None, :, None]
 def torch_dkeys():

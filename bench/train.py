@@ -43,7 +43,6 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import sysconfig
@@ -56,6 +55,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "bench"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # lets the 'triton' backend run on the CPU
@@ -63,6 +63,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 
 import peer_kernels as pk  # noqa: E402
+import harness  # noqa: E402  (bench/harness.py: device_slug)
 
 BACKENDS = ("triton", "torch", "peer-pytorch")
 VOCAB = 256  # byte tokens
@@ -617,11 +618,6 @@ def compare_curves(a: list, b: list, fp32: bool) -> dict | None:
                 ok=bool(ok) and all(map(math.isfinite, (ma, mb))))
 
 
-def device_slug(name: str) -> str:
-    s = re.sub(r"^nvidia\s+|geforce\s+", "", name.lower())
-    return re.sub(r"[^a-z0-9]+", "-", s).strip("-") or "gpu"
-
-
 def plot(result: dict, png: Path) -> bool:
     """Loss per step and throughput per step, one line per backend. False (with a
     printed note) if matplotlib is not installed."""
@@ -839,7 +835,7 @@ def main(argv=None) -> int:
 
     date = datetime.date.today().isoformat()
     out = Path(args.out) if args.out else \
-        ROOT / "bench" / "out" / f"train_{device_slug(where) if device.type == 'cuda' else 'cpu'}_{date}.json"
+        ROOT / "bench" / "out" / f"train_{harness.device_slug(where) if device.type == 'cuda' else 'cpu'}_{date}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
