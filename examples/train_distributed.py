@@ -15,20 +15,40 @@ loss falls within a few steps. AdamW, gradient clipping at `--clip`, fp32 parame
 
 What runs, on every rank:
   1. reference: the model built from `--seed` trains `--steps` steps in this one process on
-     each whole global batch (this is the single-GPU run); its losses, first-step gradients
-     and final buffers are kept (on the CPU) and the model is freed;
+     each whole global batch (this is the single-GPU run); its losses, its first-step
+     gradients and its buffers after step 1 are kept (on the CPU) and the model is freed;
   2. for each `--mode`: the same model, built again from the same seed, wrapped in DDP (after
      the BatchNorm conversion below), or sharded with FSDP2 (`fully_shard` on each block and
-     on the root), trains the same steps, each rank on its slice of the global batch. Its
-     first-step gradients (DDP: after the all-reduce; FSDP2: the reduce-scattered shards,
-     gathered with `full_tensor()`) and every step's loss (mean over ranks) are compared with
-     the reference: relative error ||g - g_ref|| / ||g_ref|| per parameter, |l - l_ref| / l_ref
-     per step, both at most `--rtol`. The final BatchNorm running statistics must match too,
-     and DDP replicas must end bitwise equal.
+     on the root), trains the same steps, each rank on its slice of the global batch, and is
+     compared with the reference (the checks below);
   3. rank 0 prints per rank the median step time and the peak memory over the steps after
      `--warmup` (CUDA: torch.cuda.max_memory_allocated, reset after the warm-up, so the
      gradient check of step 1 is left out; CPU: the process's peak RSS so far, which cannot be
      reset), and a last line `RESULT {json}`. Exit status 1 if a check failed.
+
+The checks. The distributed run is not bitwise the single-process run: the fp32 sums are
+done in another order (all-reduce / reduce-scatter, SyncBatchNorm statistics), so values
+differ by ~1e-7 relative. PEER's top-k selection turns that into discrete differences:
+wherever two candidate experts' scores are within ~1e-7 (a near-tie), the two runs may pick
+different experts. With N = batch * seq * heads * k selections per layer, about one such flip
+per run is expected at the GPU preset (N = 524288), and one flip moves an expert table's
+gradient (`down`/`up`, norm-relative) by about sqrt(2 / N) (one of ~N comparable terms
+removed, another added): 2.0e-3 at the GPU preset. Hence:
+  * first-step gradients (before clipping and the update; DDP: after the all-reduce; FSDP2:
+    the reduce-scattered shards gathered with `full_tensor()`), relative error
+    ||g - g_ref|| / ||g_ref|| per parameter: the PEER expert tables `down`/`up` at most
+    max(--rtol, sqrt(2 * 16 / N)) = max(--rtol, 4 sqrt(2 / N)) (room for ~16 flips per layer;
+    the error grows as sqrt(flips)); every other parameter at most `--rtol`. The median over
+    all parameters is printed too (~1e-7..1e-6 when the runs agree);
+  * losses, |l - l_ref| / l_ref: step 1 (no update yet) at most `--rtol`; later steps at most
+    `--loss-rtol` (1e-2): AdamW's update is ~lr * sign(g) for the many near-zero gradient
+    entries, so differences of ~1e-7 in those become O(lr) parameter differences after one
+    step and the runs drift apart; and the model must train (last loss < first);
+  * buffers after step 1 (the BatchNorm running statistics of one forward with the same
+    weights): floating-point buffers at most `--rtol` (norm-relative), integer buffers
+    (num_batches_tracked) exactly; the worst buffer is named. (After all the steps they are
+    not comparable: the query projections have drifted apart as above.);
+  * DDP replicas must end bitwise equal.
 
 BatchNorm (PEER's default query_norm="batch", the paper's): its statistics are over the
 tokens of one call. Under DDP/FSDP2 each rank sees only its slice, so plain BatchNorm would
@@ -44,6 +64,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import resource
 import statistics
@@ -58,6 +79,8 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 MODES = ("ddp", "fsdp2")
+# near-tie expert flips allowed per layer in the expert tables' gradient check (module docstring)
+TABLE_FLIPS = 16
 # sizes per device kind; any can be overridden on the command line
 PRESETS = {
     "cuda": dict(vocab=8192, dim=1024, layers=2, attn_heads=8, experts=512**2, heads=8, k=16, dim_key=128,
@@ -83,7 +106,12 @@ def parse_args(argv=None):
         ap.add_argument(f"--{name}", type=kind, default=None, help="default: the preset of the device kind")
     ap.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the preset's)")
     ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
-    ap.add_argument("--rtol", type=float, default=1e-3, help="tolerance of the checks against the reference")
+    ap.add_argument("--rtol", type=float, default=1e-3,
+                    help="tolerance of the checks against the reference: first-step gradients of every parameter "
+                         "but the expert tables, step-1 loss, buffers after step 1 (the expert tables get "
+                         "max(rtol, 4 sqrt(2 / (batch*seq*heads*k))) for near-tie expert flips; see above)")
+    ap.add_argument("--loss-rtol", type=float, default=1e-2,
+                    help="tolerance of the losses of steps 2.. (AdamW amplifies tiny gradient differences)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     preset = PRESETS["cpu" if args.cpu else "cuda"]
@@ -181,11 +209,12 @@ def peak_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def train(model, args, device, batch_slice, grads_of, reduce_loss):
-    """`args.steps` AdamW steps. Returns (losses, first-step grads {name: cpu tensor}, median step ms and
-    peak memory over the steps after the warm-up, which leaves out the gradient check of step 1)."""
+def train(model, args, device, batch_slice, grads_of, reduce_loss, bufs_of):
+    """`args.steps` AdamW steps. Returns (losses, first-step grads {name: cpu tensor}, buffers after step 1
+    {name: cpu tensor}, median step ms and peak memory over the steps after the warm-up, which leaves out
+    the checks of step 1)."""
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    losses, times, first = [], [], None
+    losses, times, first, first_bufs = [], [], None, None
     for step in range(args.steps):
         if step == args.warmup:
             reset_peak(device)
@@ -200,10 +229,12 @@ def train(model, args, device, batch_slice, grads_of, reduce_loss):
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if step == 0:
+            first_bufs = bufs_of(model)  # the running statistics of one forward with the initial weights
         sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
         losses.append(reduce_loss(loss.detach()))
-    return losses, first, statistics.median(times[args.warmup:]), peak_mb(device)
+    return losses, first, first_bufs, statistics.median(times[args.warmup:]), peak_mb(device)
 
 
 def plain_grads(model):
@@ -211,11 +242,27 @@ def plain_grads(model):
 
 
 def buffers_of(model):
-    return {n: b.detach().float().cpu().clone() for n, b in model.named_buffers()}
+    return {n: b.detach().cpu().clone() for n, b in model.named_buffers()}  # dtype kept: integers compared exactly
 
 
 def rel_err(a, b):
+    a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def expert_tables(model):
+    """Names of the PEER expert tables (`down`, `up`) of `model`."""
+    from peer_kernels import PEER
+
+    return {f"{name}.{t}" for name, m in model.named_modules() if isinstance(m, PEER) for t in ("down", "up")}
+
+
+def tables_rtol(args):
+    """Tolerance of the expert tables' first-step gradients: one near-tie flip among the N selections of a
+    layer moves a table's gradient by ~sqrt(2 / N) (norm-relative); allow TABLE_FLIPS of them (error ~ sqrt
+    of the number of flips), and never less than --rtol."""
+    selections = args.batch * args.seq * args.heads * args.k
+    return max(args.rtol, math.sqrt(2 * TABLE_FLIPS / selections)), selections
 
 
 def run_mode(mode, args, device, ref):
@@ -235,6 +282,9 @@ def run_mode(mode, args, device, ref):
 
         def grads_of(m):
             return plain_grads(m.module)
+
+        def bufs_of(m):
+            return buffers_of(m.module)
     else:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -247,29 +297,52 @@ def run_mode(mode, args, device, ref):
         def grads_of(m):  # full_tensor() is a collective: every rank, same order
             return {n: p.grad.full_tensor().detach().float().cpu() for n, p in m.named_parameters()}
 
+        bufs_of = buffers_of  # fully_shard shards the parameters only
+
     def mean_over_ranks(loss):
         loss = loss.clone()
         dist.all_reduce(loss)
         return loss.item() / world
 
-    losses, grads, step_ms, peak = train(wrapped, args, device, rows, grads_of, mean_over_ranks)
+    losses, grads, bufs, step_ms, peak = train(wrapped, args, device, rows, grads_of, mean_over_ranks, bufs_of)
 
+    # first-step gradients: expert tables at tables_rtol (near-tie flips), everything else at --rtol
     errs = {n: rel_err(g, ref["grads"][n]) for n, g in grads.items()}
-    worst = max(errs, key=errs.get)
-    loss_diff = max(abs(a - b) / abs(b) for a, b in zip(losses, ref["losses"]))
-    bufs = buffers_of(inner)
-    buf_err = max((rel_err(b, ref["buffers"][n]) for n, b in bufs.items() if b.is_floating_point()), default=0.0)
+    tables = expert_tables(inner)
+    tab = {n: e for n, e in errs.items() if n in tables}
+    other = {n: e for n, e in errs.items() if n not in tables}
+    worst, worst_tab, worst_other = (max(d, key=d.get) if d else None for d in (errs, tab, other))
+    tab_rtol, _ = tables_rtol(args)
+    grad_ok = all(e <= tab_rtol for e in tab.values()) and all(e <= args.rtol for e in other.values())
+    # losses: step 1 (no update yet) at --rtol, later steps at --loss-rtol (AdamW drift), and it must train
+    diffs = [abs(a - b) / abs(b) for a, b in zip(losses, ref["losses"])]
+    later = max(diffs[1:], default=0.0)
+    trains = losses[-1] < losses[0]
+    loss_ok = diffs[0] <= args.rtol and later <= args.loss_rtol and trains
+    # buffers after step 1: floating ones norm-relative at --rtol, integer ones (num_batches_tracked) exactly
+    buf_errs = {n: rel_err(b, ref["buffers"][n]) for n, b in bufs.items() if b.is_floating_point()}
+    worst_buf = max(buf_errs, key=buf_errs.get) if buf_errs else None
+    int_bufs_equal = all(torch.equal(b, ref["buffers"][n]) for n, b in bufs.items() if not b.is_floating_point())
+    buf_ok = all(e <= args.rtol for e in buf_errs.values()) and int_bufs_equal
     in_sync = True
     if mode == "ddp":  # every replica must hold the same parameters after the steps
         sums = torch.stack([p.detach().double().sum() for p in inner.parameters()])
         gathered = [torch.empty_like(sums) for _ in range(world)]
         dist.all_gather(gathered, sums)
         in_sync = all(torch.equal(gathered[0], g) for g in gathered)
-    ok = errs[worst] <= args.rtol and loss_diff <= args.rtol and buf_err <= args.rtol and in_sync
+    ok = grad_ok and loss_ok and buf_ok and in_sync
     del wrapped, inner, model
-    return dict(mode=mode, grad_max_rel_err=errs[worst], grad_worst_param=worst, loss_max_rel_diff=loss_diff,
-                buffer_max_rel_err=buf_err, replicas_in_sync=in_sync, losses=losses, step_ms=step_ms,
-                peak_mem_mb=peak, ok=ok)
+    return dict(mode=mode,
+                grad_max_rel_err=errs[worst], grad_worst_param=worst,  # over all parameters, tables included
+                grad_median_rel_err=statistics.median(errs.values()),
+                grad_other_max_rel_err=other.get(worst_other, 0.0), grad_other_worst_param=worst_other,
+                grad_tables_max_rel_err=tab.get(worst_tab, 0.0), grad_tables_worst_param=worst_tab,
+                grad_tables_rtol=tab_rtol, grad_ok=grad_ok,
+                loss_first_rel_diff=diffs[0], loss_later_max_rel_diff=later, loss_max_rel_diff=max(diffs),
+                trains=trains, loss_ok=loss_ok,
+                buffer_max_rel_err=buf_errs.get(worst_buf, 0.0), buffer_worst=worst_buf,
+                int_buffers_equal=int_bufs_equal, buffer_ok=buf_ok,
+                replicas_in_sync=in_sync, losses=losses, step_ms=step_ms, peak_mem_mb=peak, ok=ok)
 
 
 def main(argv=None):
@@ -292,10 +365,11 @@ def main(argv=None):
 
     # 1. the single-process reference on the whole global batch
     model = build_model(args, device)
-    ref_losses, ref_grads, ref_ms, ref_peak = train(model, args, device, slice(None), plain_grads,
-                                                    lambda loss: loss.item())
-    ref = dict(losses=ref_losses, grads=ref_grads, buffers=buffers_of(model))
+    ref_losses, ref_grads, ref_bufs, ref_ms, ref_peak = train(model, args, device, slice(None), plain_grads,
+                                                              lambda loss: loss.item(), buffers_of)
+    ref = dict(losses=ref_losses, grads=ref_grads, buffers=ref_bufs)
     n_params = sum(p.numel() for p in model.parameters())
+    _, selections = tables_rtol(args)
     del model
     reset_peak(device)
 
@@ -320,10 +394,23 @@ def main(argv=None):
             print(f"  {r['mode']:5s} x {world}: losses {' '.join(f'{v:.4f}' for v in r['losses'])}")
             for k, (ms, mb, _) in enumerate(row[i] for row in per_rank):
                 print(f"      rank {k}: {ms:9.2f} ms/step, {mem} {mb:9.0f} MiB")
-            print(f"      vs single process: first-step gradients max rel. error {r['grad_max_rel_err']:.2e} "
-                  f"({r['grad_worst_param']}), losses max rel. diff {r['loss_max_rel_diff']:.2e}, buffers "
-                  f"{r['buffer_max_rel_err']:.2e}, replicas in sync {r['replicas_in_sync']} (rtol {args.rtol:g}) "
-                  f"-> {'OK' if r['ok'] else 'FAILED'}")
+            print(f"      vs single process -> {'OK' if r['ok'] else 'FAILED'}")
+            print(f"        first-step grads, rel. error per param: median {r['grad_median_rel_err']:.1e}, "
+                  f"non-table max {r['grad_other_max_rel_err']:.2e} ({r['grad_other_worst_param']}) "
+                  f"(rtol {args.rtol:g}); "
+                  f"expert tables down/up max {r['grad_tables_max_rel_err']:.2e} ({r['grad_tables_worst_param']}) "
+                  f"-> {'ok' if r['grad_ok'] else 'FAILED'}")
+            print(f"          (tables' tol {r['grad_tables_rtol']:.1e} = max(rtol, sqrt(2 * {TABLE_FLIPS} / "
+                  f"{selections} selections per layer)): one near-tie expert flip moves a table's gradient by "
+                  f"~sqrt(2 / selections) = {math.sqrt(2 / selections):.1e}; room for {TABLE_FLIPS} flips per layer)")
+            print(f"        losses rel. diff: step 1 {r['loss_first_rel_diff']:.2e} (rtol {args.rtol:g}), steps "
+                  f"2..{args.steps} max {r['loss_later_max_rel_diff']:.2e} (tol {args.loss_rtol:g}: AdamW turns "
+                  f"~1e-7 differences of near-zero gradients into ~lr updates), trains "
+                  f"{r['losses'][0]:.4f} -> {r['losses'][-1]:.4f} -> {'ok' if r['loss_ok'] else 'FAILED'}")
+            bufs = (f"max rel. error {r['buffer_max_rel_err']:.2e} ({r['buffer_worst']}) (rtol {args.rtol:g}), "
+                    f"integer buffers equal {r['int_buffers_equal']}" if r["buffer_worst"] else "none")
+            print(f"        buffers after step 1: {bufs} -> {'ok' if r['buffer_ok'] else 'FAILED'}; "
+                  f"replicas in sync after {args.steps} steps {r['replicas_in_sync']}")
         summary = dict(world_size=world, device=where, torch=torch.__version__, backend=args.backend,
                        query_norm=args.query_norm, config=vars(args), params=n_params,
                        reference=dict(losses=ref_losses, step_ms=ref_ms, peak_mem_mb=ref_peak),

@@ -526,19 +526,26 @@ def _torchrun(args, timeout):
     return proc, result
 
 
-def _check_modes(proc, result, modes, tol):
+def _check_modes(proc, result, modes, tol, tables_tol=None, later_loss_tol=None):
+    """Every mode passed the script's checks, and: first-step grads of all parameters but the PEER
+    expert tables, step-1 loss and buffers after step 1 within `tol`; the expert tables' grads within
+    `tables_tol` and the later steps' losses within `later_loss_tol` (default: `tol`)."""
     assert proc.returncode == 0 and result is not None, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert [r["mode"] for r in result["modes"]] == modes
     for r in result["modes"]:
-        assert r["ok"] and r["replicas_in_sync"], r
-        assert r["grad_max_rel_err"] <= tol and r["loss_max_rel_diff"] <= tol, r
+        assert r["ok"] and r["replicas_in_sync"] and r["int_buffers_equal"], r
+        assert r["grad_other_max_rel_err"] <= tol and r["loss_first_rel_diff"] <= tol, r
+        assert r["buffer_max_rel_err"] <= tol, r
+        assert r["grad_tables_max_rel_err"] <= (tol if tables_tol is None else tables_tol), r
+        assert r["loss_later_max_rel_diff"] <= (tol if later_loss_tol is None else later_loss_tol), r
         assert len(r["step_ms_per_rank"]) == 2 and all(t > 0 for t in r["step_ms_per_rank"]), r
         assert r["losses"][-1] < r["losses"][0], r["losses"]  # it trains
 
 
 def test_distributed_ddp_fsdp2_cpu():
     """2 processes, gloo, PEER backend torch, query_norm="layer": DDP and FSDP2 first-step
-    grads and every step's loss equal the single-process run on the global batch."""
+    grads (expert tables included) and every step's loss equal the single-process run on the
+    global batch within 1e-5 (the tiny CPU run has no near-tie expert flips; it gets ~2e-7)."""
     proc, result = _torchrun(["--cpu", "--backend", "torch", "--query-norm", "layer"], timeout=240)
     _check_modes(proc, result, ["ddp", "fsdp2"], 1e-5)
 
@@ -550,17 +557,25 @@ def test_distributed_local_batchnorm_fails_the_check_cpu():
                               "--mode", "ddp"], timeout=240)
     assert proc.returncode == 1 and result is not None, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = result["modes"][0]
-    assert not r["ok"] and r["grad_max_rel_err"] > 1e-2, r
+    # caught by the tight checks (non-table grads, buffers), not only by the expert tables' loose one
+    assert not r["ok"] and not r["grad_ok"] and not r["buffer_ok"], r
+    assert r["grad_other_max_rel_err"] > 1e-2 and r["buffer_max_rel_err"] > 1e-2, r
+    assert r["grad_tables_max_rel_err"] > r["grad_tables_rtol"], r
 
 
 @gpu
 @pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs on one host (NCCL)")
 def test_distributed_ddp_fsdp2_two_gpus():
     """2 GPUs, NCCL, Triton kernels, query BatchNorm converted to SyncBatchNorm, the default
-    GPU preset (2 blocks, 512^2 experts, dim 1024): grads and losses equal the single-GPU
-    run within 1e-3, and FSDP2 needs less memory per GPU than DDP."""
+    GPU preset (2 blocks, 512^2 experts, dim 1024, batch 8 x 512, 8 heads, k 16): first-step
+    grads of every parameter but the expert tables, the step-1 loss and the BatchNorm buffers
+    after step 1 equal the single-GPU run within 1e-3; the expert tables' grads within
+    4 sqrt(2 / 524288) = 7.8e-3 (fp32 reduction order flips near-tie expert choices: ~2e-3 per
+    flip, ~1 flip per run); the later losses within 1e-2 (AdamW drift); FSDP2 needs less memory
+    per GPU than DDP."""
     proc, result = _torchrun([], timeout=900)
     print("\n" + "\n".join(ln for ln in proc.stdout.splitlines() if not ln.startswith("RESULT ")))
-    _check_modes(proc, result, ["ddp", "fsdp2"], 1e-3)
+    _check_modes(proc, result, ["ddp", "fsdp2"], 1e-3, tables_tol=4 * (2 / (8 * 512 * 8 * 16)) ** 0.5,
+                 later_loss_tol=1e-2)
     ddp, fsdp = result["modes"]
     assert max(fsdp["peak_mem_mb_per_rank"]) < min(ddp["peak_mem_mb_per_rank"]), result["modes"]
