@@ -16,7 +16,7 @@ up = (torch.randn(N, D, device="cuda", dtype=torch.bfloat16) * D**-0.5).requires
 idx = torch.randint(0, N, (T, H, k), device="cuda")
 gates = torch.rand(T, H, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 dy = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
-for validate in (True, False):
+for validate in (True, "sync", False):
     def step():
         for t in (x, down, up, gates):
             t.grad = None

@@ -1,32 +1,69 @@
-"""Development sweep of the retrieval forward kernel (configs, old vs new); see bench/NOTES.md."""
+"""Development: the retrieval forward kernel at the paper config (T=4096, H=8, n=1024,
+Dk=128, k=16, bf16): launch configs, the time split (scores vs selection) and the
+fallback path; see bench/NOTES.md. GPU only."""
 import os, sys, torch, triton
+import triton.language as tl
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from triton.testing import do_bench
 import peer_kernels as pk
 from peer_kernels import retrieval as R
-from peer_kernels.csrc_triton import product_key_topk as K
+from peer_kernels.csrc_triton.product_key_topk import _score_tile
 
-def ms(f, rep=50):
+
+@triton.jit
+def scores_only_kernel(q_ptr, keys_ptr, out_ptr, M, n, H, DK: tl.constexpr, DH_PAD: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The score work of pk_topk_fwd_kernel alone: both passes of tl.dot over all sub-keys
+    of both halves (elementwise running max), no selection; writes one value per row."""
+    DH: tl.constexpr = DK // 2
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    h = tl.program_id(1)
+    m_mask = offs_m < M
+    row = offs_m.to(tl.int64) * H + h
+    offs_d = tl.arange(0, DH_PAD)
+    d_mask = offs_d < DH
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for p in tl.static_range(2):
+        q = tl.load(q_ptr + row[:, None] * DK + p * DH + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        kb = keys_ptr + (h.to(tl.int64) * 2 + p) * n * DH
+        for _ in tl.static_range(2):  # pass A and pass B
+            for n0 in range(0, n, BLOCK_N):
+                s, offs_n, n_mask = _score_tile(q, kb, n0, n, offs_d, d_mask, DH, BLOCK_N, False, "tf32")
+                acc = tl.maximum(acc, s)
+    tl.store(out_ptr + row, tl.max(acc, axis=1), mask=m_mask)
+
+
+def ms(f, rep=100):
     return do_bench(f, warmup=10, rep=rep, return_mode="median")
 
+
 torch.manual_seed(0)
-for T in (4096,):
-    H, n, dk, k = 8, 1024, 128, 16
+H, n, dk, k = 8, 1024, 128, 16
+base = R._fwd_config
+for T in (4096, 16384):
     q = torch.randn(T, H, dk, device="cuda", dtype=torch.bfloat16)
     keys = torch.randn(H, 2, n, dk // 2, device="cuda", dtype=torch.bfloat16)
     s_ref, i_ref = pk.product_key_topk(q, keys, k, backend="torch")
-    sc = torch.empty(T, H, k, device="cuda"); ids = torch.empty(T, H, k, device="cuda", dtype=torch.int64)
-    for bm, bn, gr, cap, w, mr in [(16, 128, 32, 64, 4, None), (16, 128, 32, 64, 4, 128), (16, 128, 32, 64, 4, 96)]:
-        scr = torch.empty(triton.cdiv(T, bm) * H * bm * cap, device="cuda", dtype=torch.int64)
-        f = lambda: K.pk_topk_fwd_kernel[(triton.cdiv(T, bm), H)](q, keys, sc, ids, scr, T, n, H, DK=dk, DH_PAD=64,
-            PER_HEAD=True, K=k, K_PAD=16, CAND=16, KP=16, GROUPS=gr, CAP=cap, BLOCK_M=bm, BLOCK_N=bn, UPCAST=False,
-            PRECISION="tf32", num_warps=w, **({"maxnreg": mr} if mr else {}))
+    variants = [("default", {}), ("maxnreg 160", {"maxnreg": 160}), ("no maxnreg", {"maxnreg": None}),
+                ("BLOCK_M 32 w8", {"BLOCK_M": 32, "num_warps": 8})] if T == 4096 else [("default", {})]
+    for name, over in variants:
+        def cfg(nn, kp, over=over):
+            c = dict(base(nn, kp), **over)
+            return {a: b for a, b in c.items() if b is not None}
+        R._fwd_config = cfg
         try:
-            sc.fill_(float("nan")); f()
-            ok = (ids == i_ref).float().mean().item(); err = (sc - s_ref).abs().max().item()
-            print(f"T={T} new BM={bm} BN={bn} G={gr} CAP={cap} w={w} maxnreg={mr}: {ms(f):.4f} ms id-match {ok:.5f} max|ds| {err:.2e}", flush=True)
+            s, i = R._launch_fwd(q, keys, k, k)
+            ok = (i == i_ref).float().mean().item(); err = (s - s_ref).abs().max().item()
+            print(f"T={T} fwd kernel [{name}]: {ms(lambda: R._launch_fwd(q, keys, k, k)):.4f} ms "
+                  f"id-match {ok:.5f} max|ds| {err:.2e}", flush=True)
         except Exception as e:
-            print(f"T={T} new BM={bm} BN={bn} G={gr} CAP={cap} w={w} maxnreg={mr}: FAILED {type(e).__name__} {str(e)[:300]}", flush=True)
+            print(f"T={T} fwd kernel [{name}]: FAILED {type(e).__name__} {str(e)[:300]}", flush=True)
+    R._fwd_config = base
+    out = torch.empty(T * H, device="cuda")
+    so = lambda: scores_only_kernel[(triton.cdiv(T, 16), H)](q, keys, out, T, n, H, DK=dk, DH_PAD=64, BLOCK_M=16,
+                                                             BLOCK_N=128, num_warps=4, maxnreg=128)
+    print(f"T={T} scores only (2 passes x 2 halves of tl.dot, {2 * 2 * T * H * n * dk / 1e9:.1f} GFLOP): "
+          f"{ms(so):.4f} ms", flush=True)
     print(f"T={T} public op fwd: {ms(lambda: pk.product_key_topk(q, keys, k)):.4f} ms", flush=True)
     qg = q.clone().requires_grad_(); kg = keys.clone().requires_grad_()
     def fb():

@@ -8,12 +8,14 @@ accumulation), in two passes over the tiles (`_half_topk`):
      top KP is >= tau: an exact bound, not a guess.
   B. the scores again; the few >= tau (~1.3 KP on random data) are compacted into a
      per-row scratch of CAP slots (cumsum positions) and the top KP of those is taken by
-     KP rounds of row maxima over CAP + KP values instead of over all n.
+     KP rounds of row maxima over CAP / 2 values (CAP where a row of the block has more
+     survivors) instead of over all n.
   A row with more than CAP survivors (ties, adversarial data) or a NaN score sends its
   block to the exact fallback: KP rounds of row maxima per tile (`_half_topk_rounds`).
 Candidates are packed int64 (order-preserving score bits << 32 | MAX_ID - id: ties go
-to the lower id). Then the pair sums s_1[a] + s_2[b] of the candidates (only pairs with
-(a+1)(b+1) <= K can reach the top K) and their top K by rounds of row maxima. Writes
+to the lower id). Then the pair sums s_1[a] + s_2[b] of the candidates, only of the pairs with
+(a+1)(b+1) <= K (the others cannot reach the top K; 50 of 256 at K = 16), gathered into a
+list through scratch, and their top K by rounds of row maxima. Writes
 scores [M, H, K] fp32 (descending) and expert ids [M, H, K] int64. The [M, H, 2, n]
 score matrix never reaches memory; nothing extra is saved for the backward.
 Speed and what was tried: bench/NOTES.md.
@@ -82,6 +84,30 @@ def _merge_topk(best, packed, KP: tl.constexpr):
 
 
 @triton.jit
+def _top_round(packed, new, slot, r):
+    m = tl.max(packed, axis=1)  # [BM]
+    new = tl.where(slot[None, :] == r, m[:, None], new)
+    packed = tl.where(packed == m[:, None], -9223372036854775808, packed)
+    return packed, new
+
+
+@triton.jit
+def _top_rounds(packed, KP: tl.constexpr):
+    """Top-KP (descending) of packed [BM, C] by KP rounds of row maxima (packed values are
+    unique: each round removes one element); rows with fewer than KP valid entries end in
+    the minimum value."""
+    slot = tl.arange(0, KP)
+    new = tl.full((packed.shape[0], KP), -9223372036854775808, tl.int64)
+    if KP <= UNROLL_MAX:
+        for r in tl.static_range(KP):
+            packed, new = _top_round(packed, new, slot, r)
+    else:
+        for r in range(KP):
+            packed, new = _top_round(packed, new, slot, r)
+    return new
+
+
+@triton.jit
 def _compact(scr_row_ptr, packed, keep, cnt, CAP: tl.constexpr):
     """Appends the kept entries of packed [BM, C] to each row's scratch after cnt [BM]
     entries (order of the columns); returns the new counts (may exceed CAP: not stored)."""
@@ -145,11 +171,18 @@ def _half_topk(
         keep = (s >= tau[:, None]) & n_mask[None, :]
         cnt = _compact(scr_row_ptr, _pack(s, offs_n[None, :], keep), keep, cnt, CAP)
     tl.debug_barrier()
-    slots = tl.arange(0, CAP)
-    cand = tl.load(scr_row_ptr[:, None] + slots[None, :], mask=slots[None, :] < cnt[:, None],
-                   other=-9223372036854775808)  # [BLOCK_M, CAP]
+    # rank the survivors: over CAP // 2 slots when every row has that few (most blocks)
+    if tl.max(tl.where(m_mask, cnt, 0), axis=0) <= CAP // 2:
+        slots = tl.arange(0, CAP // 2)
+        cand = tl.load(scr_row_ptr[:, None] + slots[None, :], mask=slots[None, :] < cnt[:, None],
+                       other=-9223372036854775808)  # [BLOCK_M, CAP // 2]
+        best = _top_rounds(cand, KP)  # [BLOCK_M, KP]
+    else:
+        slots2 = tl.arange(0, CAP)
+        cand2 = tl.load(scr_row_ptr[:, None] + slots2[None, :], mask=slots2[None, :] < cnt[:, None],
+                        other=-9223372036854775808)  # [BLOCK_M, CAP]
+        best = _top_rounds(cand2, KP)
     tl.debug_barrier()  # the other half and the pairs reuse the scratch
-    best = _merge_topk(tl.full((BLOCK_M, KP), -9223372036854775808, tl.int64), cand, KP)  # [BLOCK_M, KP]
     need = tl.minimum(n, KP)
     bad = tl.where(m_mask, (cnt > CAP) | (cnt < need), False) | (tl.max(nan, axis=1) > 0)
     if tl.max(bad.to(tl.int32), axis=0) > 0:
@@ -173,7 +206,7 @@ def pk_topk_fwd_kernel(
     q_ptr, keys_ptr, scores_ptr, ids_ptr, scratch_ptr,
     M, n, H,
     DK: tl.constexpr, DH_PAD: tl.constexpr, PER_HEAD: tl.constexpr,
-    K: tl.constexpr, K_PAD: tl.constexpr, CAND: tl.constexpr, KP: tl.constexpr,
+    K: tl.constexpr, K_PAD: tl.constexpr, CAND: tl.constexpr, KP: tl.constexpr, PAIRS_PAD: tl.constexpr,
     GROUPS: tl.constexpr, CAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -193,15 +226,25 @@ def pk_topk_fwd_kernel(
                        BLOCK_M, BLOCK_N, UPCAST, PRECISION)
     best2 = _half_topk(q_row_ptr + DH, kbase + n * DH, scr_row_ptr, offs_m, m_mask, n, DH, DH_PAD, KP, GROUPS, CAP,
                        BLOCK_M, BLOCK_N, UPCAST, PRECISION)
-    s1, i1 = _unpack(best1)  # [BLOCK_M, KP], sorted descending
-    s2, i2 = _unpack(best2)
-    # pair sums; pair (a, b) is dominated by (a+1)(b+1)-1 others, so needs (a+1)(b+1) <= K
-    a = tl.arange(0, KP)
-    ok = (a[:, None] < CAND) & (a[None, :] < CAND) & ((a[:, None] + 1) * (a[None, :] + 1) <= K)  # [KP, KP]
-    ps = s1[:, :, None] + s2[:, None, :]  # [BLOCK_M, KP, KP]
-    pid = i1[:, :, None] * n + i2[:, None, :]
-    packed = tl.reshape(_pack(ps, pid, ok[None, :, :]), (BLOCK_M, KP * KP))
-    top = _merge_topk(tl.full((BLOCK_M, K_PAD), -9223372036854775808, tl.int64), packed, K_PAD)  # [BLOCK_M, K_PAD]
+    # pair stage: pair (a, b) of the sorted candidates is dominated by (a+1)(b+1)-1 others,
+    # so only pairs with (a+1)(b+1) <= K can reach the top K: per_a[a] = min(CAND, K // (a+1))
+    # of them for each a < CAND, PAIRS in all (50 of the 256 at K = CAND = 16). Pair p is
+    # (pa, pb) in that list; the candidates go through scratch to be gathered.
+    slots = tl.arange(0, KP)
+    tl.store(scr_row_ptr[:, None] + slots[None, :], best1)
+    tl.store(scr_row_ptr[:, None] + KP + slots[None, :], best2)
+    per_a = tl.where(slots < CAND, tl.minimum(K // (slots + 1), CAND), 0)  # [KP]
+    pp = tl.arange(0, PAIRS_PAD)
+    before = tl.cumsum(per_a, axis=0)[None, :] <= pp[:, None]  # [PAIRS_PAD, KP]
+    pa = tl.sum(before.to(tl.int32), axis=1)  # [PAIRS_PAD]
+    pb = pp - tl.sum(tl.where(before, per_a[None, :], 0), axis=1)
+    pvalid = pp < tl.sum(per_a, axis=0)
+    tl.debug_barrier()
+    c1 = tl.load(scr_row_ptr[:, None] + pa[None, :], mask=pvalid[None, :], other=-9223372036854775808)
+    c2 = tl.load(scr_row_ptr[:, None] + KP + pb[None, :], mask=pvalid[None, :], other=-9223372036854775808)
+    s1, i1 = _unpack(c1)  # [BLOCK_M, PAIRS_PAD]
+    s2, i2 = _unpack(c2)
+    top = _top_rounds(_pack(s1 + s2, i1 * n + i2, pvalid[None, :]), K_PAD)  # [BLOCK_M, K_PAD]
     sc, ids = _unpack(top)
     offs_k = tl.arange(0, K_PAD)
     out = row[:, None] * K + offs_k[None, :]

@@ -18,12 +18,34 @@ from .csrc_triton.peer_experts_bwd import (
     peer_experts_bwd_tables_kernel,
     peer_experts_bwd_token_kernel,
 )
+from .csrc_triton.index_check import expert_ids_in_range_kernel
 from .csrc_triton.peer_experts_fwd import peer_experts_fwd_kernel
 
-__all__ = ["peer_experts", "BACKWARD_MODES"]
+__all__ = ["peer_experts", "BACKWARD_MODES", "VALIDATE_MODES"]
 
 BACKWARD_MODES = ("sorted", "atomic")
 DEFAULT_BACKWARD = "sorted"
+VALIDATE_MODES = ("off", "sync", "async")
+
+
+def _validate_mode(validate, device: torch.device) -> str:
+    """validate= of peer_experts -> one of VALIDATE_MODES. True: "async" on CUDA (a
+    device assert, no host sync), "sync" elsewhere (the CPU has nothing to overlap)."""
+    if validate is True:
+        return "async" if device.type == "cuda" else "sync"
+    if validate is False:
+        return "off"
+    if validate in ("sync", "async"):
+        return validate if device.type == "cuda" else "sync"
+    raise ValueError(f"validate must be True, False, 'sync' or 'async', got {validate!r}")
+
+
+def _check_ids(idx: torch.Tensor, num_rows: int, mode: str) -> None:
+    if mode == "sync" or (mode == "async" and not idx.is_cuda):
+        check_index_range(idx, num_rows)
+    elif mode == "async" and idx.numel() > 0:
+        block = 1024
+        expert_ids_in_range_kernel[(triton.cdiv(idx.numel(), block),)](idx, idx.numel(), num_rows, BLOCK=block)
 
 
 def _tile_config(d: int):
@@ -129,12 +151,12 @@ def _launch_bwd(dy, x, idx, gates, down, up, pre, activation, mode):
 
 @torch.library.custom_op("peer_kernels::peer_experts", mutates_args=())
 def _experts_op(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
-                activation: str, backward_mode: str, validate: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, D], indices/gates [T, HK] -> (y [T, D], pre-activations [T, HK] fp32)."""
-    if validate:
-        check_index_range(indices, down.shape[0])
-    return _launch_fwd(x.contiguous(), indices.contiguous(), gates.contiguous(), down.contiguous(),
-                       up.contiguous(), activation)
+                activation: str, backward_mode: str, validate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, D], indices/gates [T, HK] -> (y [T, D], pre-activations [T, HK] fp32).
+    validate: one of VALIDATE_MODES (see peer_experts)."""
+    indices = indices.contiguous()
+    _check_ids(indices, down.shape[0], validate)
+    return _launch_fwd(x.contiguous(), indices, gates.contiguous(), down.contiguous(), up.contiguous(), activation)
 
 
 @_experts_op.register_fake
@@ -177,7 +199,7 @@ _experts_op.register_autograd(_backward, setup_context=_setup_context)
 
 def peer_experts(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, down: torch.Tensor,
                  up: torch.Tensor, *, activation: str = "gelu", backend: str = "auto",
-                 deterministic: bool | None = None, backward: str | None = None, validate: bool = True):
+                 deterministic: bool | None = None, backward: str | None = None, validate: bool | str = True):
     """The PEER expert mix: y = sum_{h,j} gates * act(down[idx] . x) * up[idx].
 
     Args:
@@ -195,8 +217,15 @@ def peer_experts(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, do
             table row, no atomics, no scratch tables) or "atomic" (fp32 atomics into
             fp32 scratch tables of N x D each, then cast; non-deterministic, more memory).
             deterministic=True refuses "atomic".
-        validate: check that every index is in [0, N) (one reduction and a host sync,
-            skipped during CUDA-graph capture). Out-of-range ids raise IndexError.
+        validate: check that every index is in [0, N); an id outside is never read.
+            True (default): on CUDA a device-side assert in a small kernel, no host sync
+            (also inside CUDA graphs): a bad id prints "peer_kernels.peer_experts: expert
+            id (indices) outside [0, N)" from the device and the CUDA error
+            "device-side assert triggered" surfaces at the next sync; the CUDA context is
+            lost, as with PyTorch's own indexing. On the CPU the same as "sync".
+            "sync": one reduction and a host sync, raises IndexError with the range
+            found (skipped during CUDA-graph capture, where a sync is illegal).
+            False: no check (the ids must be valid, e.g. from product_key_topk).
 
     Returns y [..., D] in x's dtype (fp32 accumulation). Gradients to x, gates, down, up.
     Saves only O(tokens * H * k) values for the backward (ids, gates, pre-activations).
@@ -209,13 +238,14 @@ def peer_experts(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, do
         raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {backward!r}")
     if deterministic and mode == "atomic":
         raise ValueError("backward='atomic' is not deterministic; use backward='sorted' with deterministic=True")
+    vmode = _validate_mode(validate, x.device)
     kernel_ok = all(t.dtype != torch.float64 for t in (x, gates, down, up))
     if resolve_backend(backend, x.device, kernel_ok) == "torch":
-        if validate:
+        if vmode != "off":
             check_index_range(indices, down.shape[0])
         return reference.peer_experts(x, indices, gates, down, up, activation)
     lead = x.shape[:-1]
     hk = indices.shape[-2] * indices.shape[-1]
     y, _ = _experts_op(x.reshape(-1, x.shape[-1]), indices.reshape(-1, hk), gates.reshape(-1, hk), down, up,
-                       activation, mode, validate)
+                       activation, mode, vmode)
     return y.reshape(*lead, x.shape[-1])

@@ -45,6 +45,12 @@ def _fwd_config(n: int, kp: int) -> dict:
     return cfg
 
 
+def _num_pairs(k: int, candidates: int) -> int:
+    """Pairs (a, b) of sorted candidates with (a+1)(b+1) <= k: the only ones that can
+    reach the top k (see pk_topk_fwd_kernel)."""
+    return sum(min(candidates, k // (a + 1)) for a in range(candidates))
+
+
 def _launch_fwd(query: torch.Tensor, sub_keys: torch.Tensor, k: int, candidates: int):
     heads, dk = query.shape[-2], query.shape[-1]
     q = query.reshape(-1, heads, dk)
@@ -61,7 +67,7 @@ def _launch_fwd(query: torch.Tensor, sub_keys: torch.Tensor, k: int, candidates:
         kernels.pk_topk_fwd_kernel[grid](
             q, sub_keys, scores, ids, scratch, m, n, heads,
             DK=dk, DH_PAD=_pow2(dk // 2, 16), PER_HEAD=sub_keys.dim() == 4,
-            K=k, K_PAD=_pow2(k, 2), CAND=candidates, KP=kp, UPCAST=upcast, PRECISION=precision, **cfg,
+            K=k, K_PAD=_pow2(k, 2), CAND=candidates, KP=kp, PAIRS_PAD=_pow2(_num_pairs(k, candidates), 2), UPCAST=upcast, PRECISION=precision, **cfg,
         )
     return scores.reshape(*query.shape[:-1], k), ids.reshape(*query.shape[:-1], k)
 

@@ -1,5 +1,9 @@
 """peer_experts: the Triton kernels (interpreter on CPU, real on GPU) against the
 reference, forward and all four gradients, both backward modes."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -182,19 +186,64 @@ def test_compile_fullgraph_and_opcheck(device):
     out.sum().backward()
     assert down.grad is not None and torch.isfinite(down.grad).all()
     args = [t.detach().clone().requires_grad_() for t in (x, gates.reshape(5, 4), down, up)]
-    torch.library.opcheck(_experts_op, (args[0], idx.reshape(5, 4), args[1], args[2], args[3], "gelu", "sorted", True))
+    torch.library.opcheck(_experts_op, (args[0], idx.reshape(5, 4), args[1], args[2], args[3], "gelu", "sorted", "sync"))
 
 
 # ---- bad input ------------------------------------------------------------------------
 
-def test_out_of_range_ids_raise(device):
+@pytest.mark.parametrize("validate", ["sync", True, "async"])
+def test_out_of_range_ids_raise(device, validate):
+    """validate="sync" raises IndexError everywhere; the default (True) and "async" are
+    the same on the CPU (the device assert of CUDA: test_out_of_range_ids_device_assert)."""
+    if device == "cuda" and validate != "sync":
+        pytest.skip("on CUDA validate=True/'async' is a device assert: test_out_of_range_ids_device_assert_gpu")
     x, idx, gates, down, up = _inputs((3,), 2, 2, 16, 10, torch.float32, device=device)
     for bad in (10, -1):
         idx2 = idx.clone()
         idx2[1, 0, 1] = bad
         for backend in ("triton", "torch"):
             with pytest.raises(IndexError, match=r"indices must lie in \[0, 10\)"):
-                pk.peer_experts(x, idx2, gates, down, up, backend=backend)
+                pk.peer_experts(x, idx2, gates, down, up, backend=backend, validate=validate)
+
+
+def test_validate_argument():
+    x, idx, gates, down, up = _inputs((3,), 2, 2, 16, 10, torch.float32)
+    with pytest.raises(ValueError, match="validate must be"):
+        pk.peer_experts(x, idx, gates, down, up, backend="torch", validate="yes")
+    idx[0, 0, 0] = 10  # validate=False: no check of ours (the torch backend's own F.embedding fails)
+    with pytest.raises(IndexError, match="index out of range in self"):  # F.embedding
+        pk.peer_experts(x, idx, gates, down, up, backend="torch", validate=False)
+
+
+_DEVICE_ASSERT_CHILD = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import peer_kernels as pk
+x = torch.randn(4, 16, device="cuda")
+down = torch.randn(10, 16, device="cuda"); up = torch.randn(10, 16, device="cuda")
+idx = torch.randint(0, 10, (4, 2, 3), device="cuda"); gates = torch.rand(4, 2, 3, device="cuda")
+y = pk.peer_experts(x, idx, gates, down, up)  # valid ids: the check passes, no sync
+torch.cuda.synchronize()
+print("VALID OK", flush=True)
+idx[2, 1, 0] = {bad}
+y = pk.peer_experts(x, idx, gates, down, up)
+torch.cuda.synchronize()
+print("NOT CAUGHT", flush=True)
+"""
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the device-side id check needs CUDA")
+@pytest.mark.parametrize("bad", [10, -1])
+def test_out_of_range_ids_device_assert_gpu(bad):
+    """The default validate=True on CUDA: an out-of-range id stops the check kernel with
+    its message and a device-side assert (in a child process: the CUDA context is lost)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _DEVICE_ASSERT_CHILD.format(root=root, bad=bad)],
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert "VALID OK" in proc.stdout and "NOT CAUGHT" not in proc.stdout, out[-3000:]
+    assert proc.returncode != 0, out[-3000:]
+    assert "expert id (indices) outside [0, N)" in out and "device-side assert" in out, out[-3000:]
 
 
 @pytest.mark.parametrize(

@@ -57,6 +57,30 @@ def test_forward_several_tiles(k, cand, device):
         assert torch.equal(i, ref.brute_force_topk(q, keys, k)[1])
 
 
+def test_forward_many_survivors(device):
+    """Sub-keys in near-copies (groups of 4: 3 copies of a random key and its mirror), so
+    22-42 scores per row pass the threshold: blocks where a row has more than CAP / 2 = 32
+    survivors rank all CAP slots, the others CAP / 2; both must give the exact top k."""
+    g = torch.Generator().manual_seed(0)
+    n, dh = 128, 8
+    keys = torch.empty(1, 2, n, dh)
+    for p in range(2):
+        c = torch.randn(32, dh, generator=g).repeat_interleave(4, 0) * (1 + 1e-3 * torch.randn(n, 1, generator=g))
+        c[3::4] *= -1
+        keys[0, p] = c
+    q = torch.randn(40, 1, 2 * dh, generator=g)
+    s1 = q[:, 0, :dh] @ keys[0, 0].T
+    gm = s1.reshape(40, 32, 4).amax(2)
+    survivors = (s1 >= gm.topk(16, 1).values[:, -1:]).sum(1)
+    assert survivors.max() > 32 and survivors.min() <= 32  # both paths run
+    q, keys = q.to(device), keys.to(device)
+    s, i = pk.product_key_topk(q, keys, 16, backend="triton")
+    s_ref, i_ref = ref.product_key_topk(q, keys, 16, 16)
+    assert torch.equal(i, i_ref)
+    assert torch.equal(i, ref.brute_force_topk(q, keys, 16)[1])
+    torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-5)
+
+
 def test_ties_keep_the_lowest_ids(device):
     """All scores equal (zero sub-keys): every sub-key survives the threshold, the kernel
     takes its exact fallback, and ties go to the lowest ids, in order."""

@@ -448,8 +448,8 @@ OPCHECK_CASES = [
     ("topk", dict(shared=False, q_dtype=torch.bfloat16)),  # autocast: bf16 query, fp32 keys
     ("topk_backward", dict(shared=False, q_dtype=torch.float32)),
     ("topk_backward", dict(shared=True, q_dtype=torch.bfloat16)),
-    ("experts", dict(x_dtype=torch.float32, idx_dtype=torch.int32, mode="atomic", validate=False)),
-    ("experts", dict(x_dtype=torch.bfloat16, idx_dtype=torch.int64, mode="sorted", validate=False)),
+    ("experts", dict(x_dtype=torch.float32, idx_dtype=torch.int32, mode="atomic", validate="off")),
+    ("experts", dict(x_dtype=torch.bfloat16, idx_dtype=torch.int64, mode="sorted", validate="async")),
     ("experts_backward", dict(x_dtype=torch.float32, idx_dtype=torch.int64, mode="sorted")),
     ("experts_backward", dict(x_dtype=torch.float32, idx_dtype=torch.int32, mode="atomic")),
 ]
@@ -482,7 +482,7 @@ def test_opcheck(device, op, case):
         torch.library.opcheck(_experts_op, (args[0], idx, args[1], args[2], args[3], "gelu", case["mode"],
                                             case["validate"]))
     else:
-        y, pre = _experts_op(x, idx, gates, down, up, "silu", case["mode"], True)
+        y, pre = _experts_op(x, idx, gates, down, up, "silu", case["mode"], "sync")
         torch.library.opcheck(_experts_bwd_op, (torch.randn_like(y), x, idx, gates, down, up, pre, "silu",
                                                 case["mode"]))
 
