@@ -43,5 +43,5 @@ for rows, bj, w in [(16, 2, 4), (4, 4, 4)]:
     f = lambda: EB.peer_experts_bwd_tables_kernel[(triton.cdiv(N, rows),)](order, offsets, xs, dy, dh, coef, ddown, dup, N,
         D=D, D_PAD=1024, HK=H * k, ROWS=rows, BLOCK_J=bj, num_warps=w)
     t = do_bench(f, rep=30, return_mode="median")
-    print(f"tables kernel ROWS={rows} BJ={bj} warps={w}: {t:.4f} ms {2*N*D*2/t/1e9:.0f} GB/s written", flush=True)
+    print(f"tables kernel ROWS={rows} BJ={bj} warps={w}: {t:.4f} ms {2 * N * D * 2 / (t * 1e-3) / 1e9:.0f} GB/s written", flush=True)
 print(f"zero_ of both tables: {do_bench(lambda: (ddown.zero_(), dup.zero_()), rep=30, return_mode='median'):.4f} ms", flush=True)

@@ -31,12 +31,13 @@ def pytest_collection_modifyitems(config, items):
 def _poisoned(fn):
     def wrapper(*args, **kwargs):
         t = fn(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype in (torch.int64,):
-            t.fill_(INT_POISON)
-        elif t.dtype == torch.int32:
-            t.fill_(-(2**31) + 7)
+        with torch.no_grad():  # torch.empty(..., requires_grad=True) gives a leaf
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+            elif t.dtype in (torch.int64,):
+                t.fill_(INT_POISON)
+            elif t.dtype == torch.int32:
+                t.fill_(-(2**31) + 7)
         return t
 
     return wrapper
@@ -44,6 +45,12 @@ def _poisoned(fn):
 
 @pytest.fixture(autouse=True)
 def poison_empty(monkeypatch):
+    # `with torch.device("cuda"):` recognises factory functions by identity, from a set it
+    # builds (and caches) on first use: build it from the real torch.empty first, or
+    # modules made under that context would land on the CPU
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
     monkeypatch.setattr(torch, "empty", _poisoned(torch.empty))
     monkeypatch.setattr(torch, "empty_like", _poisoned(torch.empty_like))
     yield
