@@ -85,8 +85,8 @@ def _select(args, device, cases, notes):
             notes.append("torch.compile rows left out on the CPU (inductor compiles take minutes on a small CPU); "
                          "add them with --backends triton,torch,compile,peer-pytorch")
     if "compile" in backends:
-        notes.append("compile rows: torch.compile of the reference with default options, at the main config and "
-                     "the T, D and ids sweeps (each new shape is a recompile)")
+        notes.append("compile rows: torch.compile(dynamic=False) of the reference (a static graph per shape), at the "
+                     "main config and the T, D and ids sweeps (each new shape is a recompile)")
     if "peer-pytorch" in backends and cases.PeerPytorch is None:
         backends.remove("peer-pytorch")
         notes.append("peer-pytorch rows skipped: PEER_pytorch is not installed (pip install '.[bench]')")

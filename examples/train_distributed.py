@@ -33,12 +33,16 @@ wherever two candidate experts' scores are within ~1e-7 (a near-tie), the two ru
 different experts. With N = batch * seq * heads * k selections per layer, about one such flip
 per run is expected at the GPU preset (N = 524288), and one flip moves an expert table's
 gradient (`down`/`up`, norm-relative) by about sqrt(2 / N) (one of ~N comparable terms
-removed, another added): 2.0e-3 at the GPU preset. Hence:
+removed, another added): 2.0e-3 at the GPU preset. The flipped selection also changes
+which sub-keys receive that token's score gradient and what flows back into its query, so
+the PEER layer's other parameters (sub-keys, query projection, query norm) move by a
+similar amount (2 x H200, GPU preset: up 1.75e-3, query projection 9.9e-4). Hence:
   * first-step gradients (before clipping and the update; DDP: after the all-reduce; FSDP2:
     the reduce-scattered shards gathered with `full_tensor()`), relative error
-    ||g - g_ref|| / ||g_ref|| per parameter: the PEER expert tables `down`/`up` at most
-    max(--rtol, sqrt(2 * 16 / N)) = max(--rtol, 4 sqrt(2 / N)) (room for ~16 flips per layer;
-    the error grows as sqrt(flips)); every other parameter at most `--rtol`. The median over
+    ||g - g_ref|| / ||g_ref|| per parameter: the parameters of the PEER layers (expert
+    tables, sub-keys, query projection and norm) at most max(--rtol, sqrt(2 * 16 / N)) =
+    max(--rtol, 4 sqrt(2 / N)) (room for ~16 flips per layer; the error grows as
+    sqrt(flips)); every other parameter (attention, embeddings, norms, head) at most `--rtol`. The median over
     all parameters is printed too (~1e-7..1e-6 when the runs agree);
   * losses, |l - l_ref| / l_ref: step 1 (no update yet) at most `--rtol`; later steps at most
     `--loss-rtol` (1e-2): AdamW's update is ~lr * sign(g) for the many near-zero gradient
@@ -79,8 +83,8 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 MODES = ("ddp", "fsdp2")
-# near-tie expert flips allowed per layer in the expert tables' gradient check (module docstring)
-TABLE_FLIPS = 16
+# near-tie expert flips allowed per layer in the PEER parameters' gradient check (module docstring)
+FLIPS = 16
 # sizes per device kind; any can be overridden on the command line
 PRESETS = {
     "cuda": dict(vocab=8192, dim=1024, layers=2, attn_heads=8, experts=512**2, heads=8, k=16, dim_key=128,
@@ -108,7 +112,7 @@ def parse_args(argv=None):
     ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
     ap.add_argument("--rtol", type=float, default=1e-3,
                     help="tolerance of the checks against the reference: first-step gradients of every parameter "
-                         "but the expert tables, step-1 loss, buffers after step 1 (the expert tables get "
+                         "outside the PEER layers, step-1 loss, buffers after step 1 (the PEER layers' parameters get "
                          "max(rtol, 4 sqrt(2 / (batch*seq*heads*k))) for near-tie expert flips; see above)")
     ap.add_argument("--loss-rtol", type=float, default=1e-2,
                     help="tolerance of the losses of steps 2.. (AdamW amplifies tiny gradient differences)")
@@ -250,19 +254,21 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def expert_tables(model):
-    """Names of the PEER expert tables (`down`, `up`) of `model`."""
+def peer_params(model):
+    """Names of the parameters of the PEER layers of `model` (tables, sub-keys, query projection and norm):
+    their gradients depend on the selected experts."""
     from peer_kernels import PEER
 
-    return {f"{name}.{t}" for name, m in model.named_modules() if isinstance(m, PEER) for t in ("down", "up")}
+    return {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, PEER)
+            for p, _ in m.named_parameters()}
 
 
-def tables_rtol(args):
-    """Tolerance of the expert tables' first-step gradients: one near-tie flip among the N selections of a
-    layer moves a table's gradient by ~sqrt(2 / N) (norm-relative); allow TABLE_FLIPS of them (error ~ sqrt
+def peer_rtol(args):
+    """Tolerance of the PEER layers' first-step gradients: one near-tie flip among the N selections of a
+    layer moves a table's gradient by ~sqrt(2 / N) (norm-relative); allow FLIPS of them (error ~ sqrt
     of the number of flips), and never less than --rtol."""
     selections = args.batch * args.seq * args.heads * args.k
-    return max(args.rtol, math.sqrt(2 * TABLE_FLIPS / selections)), selections
+    return max(args.rtol, math.sqrt(2 * FLIPS / selections)), selections
 
 
 def run_mode(mode, args, device, ref):
@@ -306,14 +312,14 @@ def run_mode(mode, args, device, ref):
 
     losses, grads, bufs, step_ms, peak = train(wrapped, args, device, rows, grads_of, mean_over_ranks, bufs_of)
 
-    # first-step gradients: expert tables at tables_rtol (near-tie flips), everything else at --rtol
+    # first-step gradients: PEER layers' parameters at peer_rtol (near-tie flips), everything else at --rtol
     errs = {n: rel_err(g, ref["grads"][n]) for n, g in grads.items()}
-    tables = expert_tables(inner)
-    tab = {n: e for n, e in errs.items() if n in tables}
-    other = {n: e for n, e in errs.items() if n not in tables}
+    in_peer = peer_params(inner)
+    tab = {n: e for n, e in errs.items() if n in in_peer}
+    other = {n: e for n, e in errs.items() if n not in in_peer}
     worst, worst_tab, worst_other = (max(d, key=d.get) if d else None for d in (errs, tab, other))
-    tab_rtol, _ = tables_rtol(args)
-    grad_ok = all(e <= tab_rtol for e in tab.values()) and all(e <= args.rtol for e in other.values())
+    peer_tol, _ = peer_rtol(args)
+    grad_ok = all(e <= peer_tol for e in tab.values()) and all(e <= args.rtol for e in other.values())
     # losses: step 1 (no update yet) at --rtol, later steps at --loss-rtol (AdamW drift), and it must train
     diffs = [abs(a - b) / abs(b) for a, b in zip(losses, ref["losses"])]
     later = max(diffs[1:], default=0.0)
@@ -333,11 +339,11 @@ def run_mode(mode, args, device, ref):
     ok = grad_ok and loss_ok and buf_ok and in_sync
     del wrapped, inner, model
     return dict(mode=mode,
-                grad_max_rel_err=errs[worst], grad_worst_param=worst,  # over all parameters, tables included
+                grad_max_rel_err=errs[worst], grad_worst_param=worst,  # over all parameters, PEER's included
                 grad_median_rel_err=statistics.median(errs.values()),
                 grad_other_max_rel_err=other.get(worst_other, 0.0), grad_other_worst_param=worst_other,
-                grad_tables_max_rel_err=tab.get(worst_tab, 0.0), grad_tables_worst_param=worst_tab,
-                grad_tables_rtol=tab_rtol, grad_ok=grad_ok,
+                grad_peer_max_rel_err=tab.get(worst_tab, 0.0), grad_peer_worst_param=worst_tab,
+                grad_peer_rtol=peer_tol, grad_ok=grad_ok,
                 loss_first_rel_diff=diffs[0], loss_later_max_rel_diff=later, loss_max_rel_diff=max(diffs),
                 trains=trains, loss_ok=loss_ok,
                 buffer_max_rel_err=buf_errs.get(worst_buf, 0.0), buffer_worst=worst_buf,
@@ -369,7 +375,7 @@ def main(argv=None):
                                                               lambda loss: loss.item(), buffers_of)
     ref = dict(losses=ref_losses, grads=ref_grads, buffers=ref_bufs)
     n_params = sum(p.numel() for p in model.parameters())
-    _, selections = tables_rtol(args)
+    _, selections = peer_rtol(args)
     del model
     reset_peak(device)
 
@@ -396,13 +402,13 @@ def main(argv=None):
                 print(f"      rank {k}: {ms:9.2f} ms/step, {mem} {mb:9.0f} MiB")
             print(f"      vs single process -> {'OK' if r['ok'] else 'FAILED'}")
             print(f"        first-step grads, rel. error per param: median {r['grad_median_rel_err']:.1e}, "
-                  f"non-table max {r['grad_other_max_rel_err']:.2e} ({r['grad_other_worst_param']}) "
+                  f"outside PEER max {r['grad_other_max_rel_err']:.2e} ({r['grad_other_worst_param']}) "
                   f"(rtol {args.rtol:g}); "
-                  f"expert tables down/up max {r['grad_tables_max_rel_err']:.2e} ({r['grad_tables_worst_param']}) "
+                  f"PEER layers max {r['grad_peer_max_rel_err']:.2e} ({r['grad_peer_worst_param']}) "
                   f"-> {'ok' if r['grad_ok'] else 'FAILED'}")
-            print(f"          (tables' tol {r['grad_tables_rtol']:.1e} = max(rtol, sqrt(2 * {TABLE_FLIPS} / "
+            print(f"          (PEER tol {r['grad_peer_rtol']:.1e} = max(rtol, sqrt(2 * {FLIPS} / "
                   f"{selections} selections per layer)): one near-tie expert flip moves a table's gradient by "
-                  f"~sqrt(2 / selections) = {math.sqrt(2 / selections):.1e}; room for {TABLE_FLIPS} flips per layer)")
+                  f"~sqrt(2 / selections) = {math.sqrt(2 / selections):.1e}; room for {FLIPS} flips per layer)")
             print(f"        losses rel. diff: step 1 {r['loss_first_rel_diff']:.2e} (rtol {args.rtol:g}), steps "
                   f"2..{args.steps} max {r['loss_later_max_rel_diff']:.2e} (tol {args.loss_rtol:g}: AdamW turns "
                   f"~1e-7 differences of near-zero gradients into ~lr updates), trains "
