@@ -6,6 +6,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from triton.testing import do_bench
 import peer_kernels as pk
 from peer_kernels import experts as E
+from peer_kernels.segments import sorted_segments
 from peer_kernels.csrc_triton import peer_experts_bwd as EB
 
 torch.manual_seed(0)
@@ -35,8 +36,8 @@ if os.environ.get("PROFILE"):
     prof.export_chrome_trace(os.path.join(os.environ.get("OUT", "/tmp"), "experts_trace.json"))
 # tables kernel configs
 flat = idx.reshape(T, H * k)
-order, offsets = E._sorted_slots(flat, N)
-print(f"sort + csr offsets: {do_bench(lambda: E._sorted_slots(flat, N), rep=50, return_mode='median'):.4f} ms", flush=True)
+order, offsets = sorted_segments(flat, N)
+print(f"sort + csr offsets: {do_bench(lambda: sorted_segments(flat, N), rep=50, return_mode='median'):.4f} ms", flush=True)
 xs = x.detach(); dh = torch.randn(T, H * k, device="cuda"); coef = torch.randn_like(dh)
 ddown = torch.empty_like(down); dup = torch.empty_like(up)
 for rows, bj, w in [(16, 2, 4), (4, 4, 4)]:

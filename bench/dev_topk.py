@@ -44,8 +44,9 @@ for T in (4096, 16384):
     q = torch.randn(T, H, dk, device="cuda", dtype=torch.bfloat16)
     keys = torch.randn(H, 2, n, dk // 2, device="cuda", dtype=torch.bfloat16)
     s_ref, i_ref = pk.product_key_topk(q, keys, k, backend="torch")
-    variants = [("default", {}), ("maxnreg 160", {"maxnreg": 160}), ("no maxnreg", {"maxnreg": None}),
-                ("BLOCK_M 32 w8", {"BLOCK_M": 32, "num_warps": 8})] if T == 4096 else [("default", {})]
+    # measured 2026-11-30 (bench/NOTES.md): maxnreg 160 0.479, no maxnreg 0.582, BLOCK_M 32 + 8 warps 0.475 ms
+    variants = [("default", {}), ("2 warps", {"num_warps": 2}), ("8 warps", {"num_warps": 8}),
+                ("BLOCK_N 64", {"BLOCK_N": 64})] if T == 4096 else [("default", {})]
     for name, over in variants:
         def cfg(nn, kp, over=over):
             c = dict(base(nn, kp), **over)
@@ -69,6 +70,14 @@ for T in (4096, 16384):
     def fb():
         s, _ = pk.product_key_topk(qg, kg, k); s.sum().backward(); qg.grad = None; kg.grad = None
     print(f"T={T} public op fwd+bwd: {ms(fb):.4f} ms", flush=True)
+    s, ids = pk.product_key_topk(q, keys, k)
+    gs = torch.randn_like(s)
+    print(f"T={T} backward launcher (dq kernel + sort + dC kernel): {ms(lambda: R._launch_bwd(gs, q, keys, ids)):.4f} ms",
+          flush=True)
+    rows = (torch.arange(H, device="cuda").view(1, 1, H, 1) * 2 + torch.arange(2, device="cuda").view(2, 1, 1, 1)) * n \
+        + torch.stack((ids // n, ids % n))
+    print(f"T={T} sorted_segments of the {rows.numel()} selections: "
+          f"{ms(lambda: R.sorted_segments(rows, H * 2 * n)):.4f} ms", flush=True)
 # fallback cost: zero keys (all ties) -> every block takes the slow exact path
 T = 4096; q = torch.randn(T, 8, 128, device="cuda", dtype=torch.bfloat16); keys = torch.zeros(8, 2, 1024, 64, device="cuda", dtype=torch.bfloat16)
 print(f"all-ties (fallback path) fwd: {ms(lambda: pk.product_key_topk(q, keys, 16)):.4f} ms", flush=True)

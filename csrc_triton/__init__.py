@@ -6,5 +6,6 @@ checkout `peer_kernels/__init__.py` loads it under the same name.
 - product_key_topk.py: stage 1, product-key retrieval (forward and backward).
 - peer_experts_fwd.py: stage 2, the gathered single-neuron experts, forward.
 - peer_experts_bwd.py: stage 2, backward (dx, dgates, d_down, d_up).
+- segments.py: CSR offsets of sorted row ids (the deterministic backward of both stages).
 - index_check.py: stage 2's id check on the GPU (a device assert, no host sync).
 """

@@ -92,21 +92,3 @@ def peer_experts_bwd_tables_kernel(
                 acc_up += tl.sum(c[:, None] * dys, axis=0)
             tl.store(ddown_ptr + e * D + offs_d, acc_down.to(ddown_ptr.dtype.element_ty), mask=d_mask)
             tl.store(dup_ptr + e * D + offs_d, acc_up.to(dup_ptr.dtype.element_ty), mask=d_mask)
-
-
-@triton.jit
-def csr_offsets_kernel(sorted_ptr, offsets_ptr, L, N, STEPS: tl.constexpr, BLOCK: tl.constexpr):
-    """offsets[e] = number of sorted ids < e, for e in [0, N] (CSR row starts), by a
-    binary search per e over the L sorted ids (STEPS >= ceil(log2(L + 1)) halvings).
-    One launch, no atomics; any id distribution."""
-    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
-    lo = tl.zeros((BLOCK,), tl.int64)
-    hi = tl.zeros((BLOCK,), tl.int64) + L  # the answer lies in [lo, hi]
-    for _ in tl.static_range(STEPS):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        v = tl.load(sorted_ptr + mid, mask=active, other=0).to(tl.int64)
-        right = active & (v < e)
-        lo = tl.where(right, mid + 1, lo)
-        hi = tl.where(active & ~right, mid, hi)
-    tl.store(offsets_ptr + e, lo, mask=e <= N)

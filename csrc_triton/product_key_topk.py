@@ -22,10 +22,9 @@ Speed and what was tried: bench/NOTES.md.
 
 Backward (both deterministic, no atomics):
   `pk_topk_bwd_query_kernel`: dq_p[m] = sum_r g[m, r] * C_p[sub_p(id[m, r])], a gather.
-  `pk_topk_bwd_keys_kernel`: one program per (tile of BLOCK_N sub-key rows, half,
-  key set, split of the rows): builds the sparse selection matrix S[m, c] =
-  sum_r g[m, r] [sub_p(id[m, r]) == c] tile by tile and accumulates S^T Q_p with tl.dot.
-  Partial sums over row splits are written to a buffer and summed in a fixed order.
+  `pk_topk_bwd_keys_kernel`: dC_p[c] = sum of g[m, r] * q_p[m] over the selections whose
+  half-p sub-key is c: a segmented sum over the selections sorted by sub-key row (as the
+  expert tables' backward), one program owning each row of dC.
 """
 import triton
 import triton.language as tl
@@ -288,57 +287,31 @@ def pk_topk_bwd_query_kernel(
 
 
 @triton.jit
-def _select_add(sel, sub_base, dscores_ptr, row, r_mask, offs_n, r, K: tl.constexpr):
-    """sel[m, c] += g[m, r] where the r-th selected expert of row m uses sub-key c."""
-    sub = tl.load(sub_base + row * K + r, mask=r_mask, other=-1)  # [BLOCK_M] int32
-    g = tl.load(dscores_ptr + row * K + r, mask=r_mask, other=0.0)
-    return sel + tl.where(sub[:, None] == offs_n[None, :], g[:, None], 0.0)
-
-
-@triton.jit
 def pk_topk_bwd_keys_kernel(
-    dscores_ptr, sub_ptr, q_ptr, part_ptr,
-    M, n, H, rows_per_split,
-    DK: tl.constexpr, DH_PAD: tl.constexpr, PER_HEAD: tl.constexpr,
-    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    order_ptr, offsets_ptr, dscores_ptr, q_ptr, dkeys_ptr,
+    num_rows, n, MHK,
+    DK: tl.constexpr, DH_PAD: tl.constexpr, K: tl.constexpr, ROWS: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """part[split, set, p, c, :] = sum over rows of this split of S[row, c] * q_p[row].
-    sub_ptr: int32 [2, M*H, K], the sub-key id of each selected expert in half p."""
+    """dC[row] = sum over the selections that use sub-key row `row` of g * q_p, one program
+    per ROWS rows of dC viewed as [num_rows, DH] (row = (set * 2 + p) * n + c), each row
+    written once (zeros where unused). The selections (p, m, h, r), flat p * MHK + (m*H + h)*K
+    + r, come sorted by row (order, CSR offsets: stable, so a fixed summation order)."""
     DH: tl.constexpr = DK // 2
-    pid_n = tl.program_id(0)
-    pid_sp = tl.program_id(1)  # set * 2 + p
-    split = tl.program_id(2)
-    kset = pid_sp // 2
-    p = pid_sp % 2
-    num_sets = tl.num_programs(1) // 2
-    # rows: per-head keys -> (token, head=kset) for token in [0, M); shared -> all M*H rows
-    if PER_HEAD:
-        total = M
-    else:
-        total = M * H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, DH_PAD)
-    acc = tl.zeros((BLOCK_N, DH_PAD), tl.float32)  # [BLOCK_N, DH_PAD]
-    r_start = split * rows_per_split
-    r_end = tl.minimum(r_start + rows_per_split, total)
-    for r0 in range(r_start, r_end, BLOCK_M):
-        offs_r = r0 + tl.arange(0, BLOCK_M)
-        r_mask = offs_r < r_end
-        if PER_HEAD:
-            row = offs_r.to(tl.int64) * H + kset
-        else:
-            row = offs_r.to(tl.int64)
-        sel = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)  # [BLOCK_M, BLOCK_N] sparse S tile
-        sub_base = sub_ptr + p * (M * H * K)
-        if K <= UNROLL_MAX:
-            for r in tl.static_range(K):
-                sel = _select_add(sel, sub_base, dscores_ptr, row, r_mask, offs_n, r, K)
-        else:
-            for r in range(K):
-                sel = _select_add(sel, sub_base, dscores_ptr, row, r_mask, offs_n, r, K)
-        q = tl.load(q_ptr + row[:, None] * DK + p * DH + offs_d[None, :],
-                    mask=r_mask[:, None] & (offs_d < DH)[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, DH_PAD]
-        acc += tl.dot(tl.trans(sel), q, input_precision=PRECISION)
-    base = ((split.to(tl.int64) * num_sets + kset) * 2 + p) * n * DH
-    tl.store(part_ptr + base + offs_n[:, None] * DH + offs_d[None, :], acc,
-             mask=(offs_n < n)[:, None] & (offs_d < DH)[None, :])
+    d_mask = offs_d < DH
+    for i in range(ROWS):
+        row = tl.program_id(0).to(tl.int64) * ROWS + i
+        if row < num_rows:
+            p = (row // n) % 2
+            start = tl.load(offsets_ptr + row)
+            end = tl.load(offsets_ptr + row + 1)
+            acc = tl.zeros((DH_PAD,), tl.float32)  # [DH_PAD]
+            for j0 in range(start, end, BLOCK_J):
+                offs_j = j0 + tl.arange(0, BLOCK_J)
+                j_mask = offs_j < end
+                sel = tl.load(order_ptr + offs_j, mask=j_mask, other=0).to(tl.int64) % MHK  # [BLOCK_J]
+                g = tl.load(dscores_ptr + sel, mask=j_mask, other=0.0)
+                q = tl.load(q_ptr + (sel // K)[:, None] * DK + p * DH + offs_d[None, :],
+                            mask=j_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)  # [BLOCK_J, DH_PAD]
+                acc += tl.sum(g[:, None] * q, axis=0)
+            tl.store(dkeys_ptr + row * DH + offs_d, acc.to(dkeys_ptr.dtype.element_ty), mask=d_mask)

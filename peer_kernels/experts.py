@@ -13,13 +13,10 @@ import triton
 from . import reference
 from .checks import check_expert_args, check_index_range, resolve_backend
 from .csrc_triton.activations import ACT_CODES
-from .csrc_triton.peer_experts_bwd import (
-    csr_offsets_kernel,
-    peer_experts_bwd_tables_kernel,
-    peer_experts_bwd_token_kernel,
-)
+from .csrc_triton.peer_experts_bwd import peer_experts_bwd_tables_kernel, peer_experts_bwd_token_kernel
 from .csrc_triton.index_check import expert_ids_in_range_kernel
 from .csrc_triton.peer_experts_fwd import peer_experts_fwd_kernel
+from .segments import sorted_segments
 
 __all__ = ["peer_experts", "BACKWARD_MODES", "VALIDATE_MODES"]
 
@@ -71,36 +68,22 @@ def _launch_fwd(x, idx, gates, down, up, activation):
     return y, pre
 
 
-def _sorted_slots(idx: torch.Tensor, num_rows: int):
-    """(order, offsets): flat slots t*HK+s sorted by expert id (stable), CSR offsets [N+1]."""
-    flat = idx.reshape(-1)
-    if num_rows < 2**31:
-        flat = flat.to(torch.int32)  # a 32-bit radix sort is about twice as fast
-    ids, order = torch.sort(flat, stable=True)
-    offsets = torch.empty(num_rows + 1, device=idx.device, dtype=torch.int64)
-    block = 1024
-    csr_offsets_kernel[(triton.cdiv(num_rows + 1, block),)](
-        ids, offsets, ids.numel(), num_rows, STEPS=max(1, ids.numel().bit_length()), BLOCK=block, num_warps=4,
-    )
-    return order, offsets
-
-
 _SIDE_STREAMS: dict = {}
 
 
-def _sorted_slots_overlapped(idx: torch.Tensor, num_rows: int, work):
-    """Runs _sorted_slots on a side stream while `work()` (the token kernel) runs on the
+def _sorted_segments_overlapped(idx: torch.Tensor, num_rows: int, work):
+    """sorted_segments(idx) on a side stream while `work()` (the token kernel) runs on the
     current stream, then joins: the sort only needs the ids. CPU: one after the other."""
     if not idx.is_cuda:
         work()
-        return _sorted_slots(idx, num_rows)
+        return sorted_segments(idx, num_rows)
     main = torch.cuda.current_stream(idx.device)
     side = _SIDE_STREAMS.get(idx.device)
     if side is None:
         side = _SIDE_STREAMS[idx.device] = torch.cuda.Stream(idx.device)
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        order, offsets = _sorted_slots(idx, num_rows)
+        order, offsets = sorted_segments(idx, num_rows)
     work()
     main.wait_stream(side)
     order.record_stream(main)  # allocated on the side stream, used (and freed) on the main one
@@ -138,7 +121,7 @@ def _launch_bwd(dy, x, idx, gates, down, up, pre, activation, mode):
                 D=d, D_PAD=d_pad, HK=hk, BLOCK_S=block_s, ACT=act, ATOMIC=False, num_warps=warps,
             )
 
-    order, offsets = _sorted_slots_overlapped(idx, n_rows, token_kernel)
+    order, offsets = _sorted_segments_overlapped(idx, n_rows, token_kernel)
     rows = 16  # sweep (bench/dev_experts.py): 16 rows x 2 occurrences 1.42 ms, 4 x 4 1.45 ms
     peer_experts_bwd_tables_kernel[(triton.cdiv(n_rows, rows),)](
         order, offsets, x, dy, dh, coef, ddown, dup, n_rows,

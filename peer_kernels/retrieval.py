@@ -12,6 +12,7 @@ import triton
 from . import reference
 from .checks import check_product_key_args, interpreting, resolve_backend
 from .csrc_triton import product_key_topk as kernels
+from .segments import sorted_segments
 
 __all__ = ["product_key_topk"]
 
@@ -91,22 +92,20 @@ def _launch_bwd(grad_scores, query, sub_keys, ids):
         g, e, sub_keys, dq, m, n, heads,
         DK=dk, DH_PAD=dh_pad, PER_HEAD=per_head, K=k, K_PAD=_pow2(k, 2), BLOCK_M=block_m, num_warps=4,
     )
-    # dC: split the rows so that the grid fills the GPU; partial sums added in a fixed order
-    block_n = min(128, _pow2(n, 16))
-    rows = m if per_head else m * heads
-    tiles = triton.cdiv(n, block_n) * 2 * num_sets
-    splits = max(1, min(triton.cdiv(264, tiles), triton.cdiv(rows, 256)))
-    rows_per_split = triton.cdiv(rows, splits)
-    part = torch.empty((splits, num_sets, 2, n, dk // 2), device=query.device, dtype=torch.float32)
-    precision = "ieee" if (query.dtype == torch.float32 or interpreting()) else "tf32"
-    subs = torch.stack((e // n, e % n)).to(torch.int32)  # [2, M, H, K] sub-key ids per half
-    kernels.pk_topk_bwd_keys_kernel[(triton.cdiv(n, block_n), 2 * num_sets, splits)](
-        g, subs, q, part, m, n, heads, rows_per_split,
-        DK=dk, DH_PAD=dh_pad, PER_HEAD=per_head, K=k, BLOCK_M=32, BLOCK_N=block_n, PRECISION=precision,
-        num_warps=8,
+    # dC: the selections sorted by the dC row they add to (row = (set * 2 + p) * n + sub-key),
+    # then one program per ROWS rows sums its segment (fixed order, no atomics)
+    sub = torch.stack((e // n, e % n))  # [2, M, H, K]
+    half = torch.arange(2, device=e.device).view(2, 1, 1, 1)
+    kset = torch.arange(heads, device=e.device).view(1, 1, heads, 1) if per_head else 0
+    rows = (kset * 2 + half) * n + sub
+    num_rows = num_sets * 2 * n
+    order, offsets = sorted_segments(rows, num_rows)
+    dkeys = torch.empty(sub_keys.shape, device=sub_keys.device, dtype=sub_keys.dtype)
+    block_rows = 4
+    kernels.pk_topk_bwd_keys_kernel[(triton.cdiv(num_rows, block_rows),)](
+        order, offsets, g, q, dkeys, num_rows, n, m * heads * k,
+        DK=dk, DH_PAD=dh_pad, K=k, ROWS=block_rows, BLOCK_J=16, num_warps=2,
     )
-    dkeys = part.sum(0) if splits > 1 else part[0]
-    dkeys = dkeys.reshape(sub_keys.shape).to(sub_keys.dtype)
     return dq.reshape(query.shape), dkeys
 
 

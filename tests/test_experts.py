@@ -88,7 +88,7 @@ def test_all_tokens_to_one_expert(backward, device):
 def test_sorted_slots_csr(ids, device):
     """The backward's sort: stable order of the slots by id and CSR row starts, against
     argsort + bincount, for spread, all-equal, extreme and empty ids."""
-    from peer_kernels.experts import _sorted_slots
+    from peer_kernels.segments import sorted_segments
 
     n = 50
     g = torch.Generator().manual_seed(1)
@@ -96,7 +96,7 @@ def test_sorted_slots_csr(ids, device):
            "one_row": torch.full((9, 4), 17),
            "first_and_last": torch.tensor([[n - 1, 0, n - 1], [0, 0, n - 1]]),
            "empty": torch.zeros(0, 4, dtype=torch.int64)}[ids].to(device)
-    order, offsets = _sorted_slots(idx, n)
+    order, offsets = sorted_segments(idx, n)
     flat = idx.reshape(-1).cpu()
     assert torch.equal(order.cpu(), torch.argsort(flat, stable=True))
     expect = torch.zeros(n + 1, dtype=torch.int64)
