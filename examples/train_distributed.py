@@ -36,14 +36,17 @@ gradient (`down`/`up`, norm-relative) by about sqrt(2 / N) (one of ~N comparable
 removed, another added): 2.0e-3 at the GPU preset. The flipped selection also changes
 which sub-keys receive that token's score gradient and what flows back into its query, so
 the PEER layer's other parameters (sub-keys, query projection, query norm) move by a
-similar amount (2 x H200, GPU preset: up 1.75e-3, query projection 9.9e-4). Hence:
+similar amount, and so, through that token's backward, do the parameters upstream of the
+layer (2 x H200, GPU preset: `up` 1.75e-3, query projection 9.9e-4, the LayerNorm before PEER
+7.2e-4, while the median over all parameters is 3.6e-5). Hence:
   * first-step gradients (before clipping and the update; DDP: after the all-reduce; FSDP2:
     the reduce-scattered shards gathered with `full_tensor()`), relative error
-    ||g - g_ref|| / ||g_ref|| per parameter: the parameters of the PEER layers (expert
-    tables, sub-keys, query projection and norm) at most max(--rtol, sqrt(2 * 16 / N)) =
-    max(--rtol, 4 sqrt(2 / N)) (room for ~16 flips per layer; the error grows as
-    sqrt(flips)); every other parameter (attention, embeddings, norms, head) at most `--rtol`. The median over
-    all parameters is printed too (~1e-7..1e-6 when the runs agree);
+    ||g - g_ref|| / ||g_ref|| per parameter: every parameter at most max(--rtol,
+    sqrt(2 * 16 / N)) = max(--rtol, 4 sqrt(2 / N)) (room for ~16 flips per layer; the error
+    grows as sqrt(flips)), and the median over all parameters at most `--rtol` (a systematic
+    error, e.g. a missing all-reduce or per-rank BatchNorm statistics, moves most parameters
+    by far more: 0.42 with plain BatchNorm). The worst parameter inside and outside the PEER
+    layers is printed;
   * losses, |l - l_ref| / l_ref: step 1 (no update yet) at most `--rtol`; later steps at most
     `--loss-rtol` (1e-2): AdamW's update is ~lr * sign(g) for the many near-zero gradient
     entries, so differences of ~1e-7 in those become O(lr) parameter differences after one
@@ -83,7 +86,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 MODES = ("ddp", "fsdp2")
-# near-tie expert flips allowed per layer in the PEER parameters' gradient check (module docstring)
+# near-tie expert flips allowed per layer in the gradient check (module docstring)
 FLIPS = 16
 # sizes per device kind; any can be overridden on the command line
 PRESETS = {
@@ -111,8 +114,8 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the preset's)")
     ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
     ap.add_argument("--rtol", type=float, default=1e-3,
-                    help="tolerance of the checks against the reference: first-step gradients of every parameter "
-                         "outside the PEER layers, step-1 loss, buffers after step 1 (the PEER layers' parameters get "
+                    help="tolerance of the checks against the reference: median first-step gradient error, "
+                         "step-1 loss, buffers after step 1 (every parameter's gradient gets "
                          "max(rtol, 4 sqrt(2 / (batch*seq*heads*k))) for near-tie expert flips; see above)")
     ap.add_argument("--loss-rtol", type=float, default=1e-2,
                     help="tolerance of the losses of steps 2.. (AdamW amplifies tiny gradient differences)")
@@ -263,10 +266,10 @@ def peer_params(model):
             for p, _ in m.named_parameters()}
 
 
-def peer_rtol(args):
-    """Tolerance of the PEER layers' first-step gradients: one near-tie flip among the N selections of a
-    layer moves a table's gradient by ~sqrt(2 / N) (norm-relative); allow FLIPS of them (error ~ sqrt
-    of the number of flips), and never less than --rtol."""
+def flip_rtol(args):
+    """Tolerance of each parameter's first-step gradient: one near-tie flip among the N selections of a
+    layer moves a table's gradient by ~sqrt(2 / N) (norm-relative), the others' by less; allow FLIPS of
+    them (error ~ sqrt of the number of flips), and never less than --rtol."""
     selections = args.batch * args.seq * args.heads * args.k
     return max(args.rtol, math.sqrt(2 * FLIPS / selections)), selections
 
@@ -312,14 +315,15 @@ def run_mode(mode, args, device, ref):
 
     losses, grads, bufs, step_ms, peak = train(wrapped, args, device, rows, grads_of, mean_over_ranks, bufs_of)
 
-    # first-step gradients: PEER layers' parameters at peer_rtol (near-tie flips), everything else at --rtol
+    # first-step gradients: every parameter at flip_rtol (near-tie flips), the median at --rtol
     errs = {n: rel_err(g, ref["grads"][n]) for n, g in grads.items()}
     in_peer = peer_params(inner)
     tab = {n: e for n, e in errs.items() if n in in_peer}
     other = {n: e for n, e in errs.items() if n not in in_peer}
     worst, worst_tab, worst_other = (max(d, key=d.get) if d else None for d in (errs, tab, other))
-    peer_tol, _ = peer_rtol(args)
-    grad_ok = all(e <= peer_tol for e in tab.values()) and all(e <= args.rtol for e in other.values())
+    flip_tol, _ = flip_rtol(args)
+    median = statistics.median(errs.values())
+    grad_ok = all(e <= flip_tol for e in errs.values()) and median <= args.rtol
     # losses: step 1 (no update yet) at --rtol, later steps at --loss-rtol (AdamW drift), and it must train
     diffs = [abs(a - b) / abs(b) for a, b in zip(losses, ref["losses"])]
     later = max(diffs[1:], default=0.0)
@@ -340,10 +344,10 @@ def run_mode(mode, args, device, ref):
     del wrapped, inner, model
     return dict(mode=mode,
                 grad_max_rel_err=errs[worst], grad_worst_param=worst,  # over all parameters, PEER's included
-                grad_median_rel_err=statistics.median(errs.values()),
+                grad_median_rel_err=median,
                 grad_other_max_rel_err=other.get(worst_other, 0.0), grad_other_worst_param=worst_other,
                 grad_peer_max_rel_err=tab.get(worst_tab, 0.0), grad_peer_worst_param=worst_tab,
-                grad_peer_rtol=peer_tol, grad_ok=grad_ok,
+                grad_flip_rtol=flip_tol, grad_ok=grad_ok,
                 loss_first_rel_diff=diffs[0], loss_later_max_rel_diff=later, loss_max_rel_diff=max(diffs),
                 trains=trains, loss_ok=loss_ok,
                 buffer_max_rel_err=buf_errs.get(worst_buf, 0.0), buffer_worst=worst_buf,
@@ -375,7 +379,7 @@ def main(argv=None):
                                                               lambda loss: loss.item(), buffers_of)
     ref = dict(losses=ref_losses, grads=ref_grads, buffers=ref_bufs)
     n_params = sum(p.numel() for p in model.parameters())
-    _, selections = peer_rtol(args)
+    _, selections = flip_rtol(args)
     del model
     reset_peak(device)
 
@@ -401,12 +405,11 @@ def main(argv=None):
             for k, (ms, mb, _) in enumerate(row[i] for row in per_rank):
                 print(f"      rank {k}: {ms:9.2f} ms/step, {mem} {mb:9.0f} MiB")
             print(f"      vs single process -> {'OK' if r['ok'] else 'FAILED'}")
-            print(f"        first-step grads, rel. error per param: median {r['grad_median_rel_err']:.1e}, "
-                  f"outside PEER max {r['grad_other_max_rel_err']:.2e} ({r['grad_other_worst_param']}) "
-                  f"(rtol {args.rtol:g}); "
-                  f"PEER layers max {r['grad_peer_max_rel_err']:.2e} ({r['grad_peer_worst_param']}) "
-                  f"-> {'ok' if r['grad_ok'] else 'FAILED'}")
-            print(f"          (PEER tol {r['grad_peer_rtol']:.1e} = max(rtol, sqrt(2 * {FLIPS} / "
+            print(f"        first-step grads, rel. error per param: median {r['grad_median_rel_err']:.1e} "
+                  f"(rtol {args.rtol:g}); max outside PEER {r['grad_other_max_rel_err']:.2e} "
+                  f"({r['grad_other_worst_param']}), in PEER {r['grad_peer_max_rel_err']:.2e} "
+                  f"({r['grad_peer_worst_param']}) (tol {r['grad_flip_rtol']:.1e}) -> {'ok' if r['grad_ok'] else 'FAILED'}")
+            print(f"          (max tol {r['grad_flip_rtol']:.1e} = max(rtol, sqrt(2 * {FLIPS} / "
                   f"{selections} selections per layer)): one near-tie expert flip moves a table's gradient by "
                   f"~sqrt(2 / selections) = {math.sqrt(2 / selections):.1e}; room for {FLIPS} flips per layer)")
             print(f"        losses rel. diff: step 1 {r['loss_first_rel_diff']:.2e} (rtol {args.rtol:g}), steps "
