@@ -36,13 +36,24 @@ if os.environ.get("PROFILE"):
     prof.export_chrome_trace(os.path.join(os.environ.get("OUT", "/tmp"), "experts_trace.json"))
 # tables kernel configs
 flat = idx.reshape(T, H * k)
-order, offsets = sorted_segments(flat, N)
+order, offsets, sorted_ids = sorted_segments(flat, N)
 print(f"sort + csr offsets: {do_bench(lambda: sorted_segments(flat, N), rep=50, return_mode='median'):.4f} ms", flush=True)
 xs = x.detach(); dh = torch.randn(T, H * k, device="cuda"); coef = torch.randn_like(dh)
 ddown = torch.empty_like(down); dup = torch.empty_like(up)
-for rows, bj, w in [(16, 2, 4), (4, 4, 4)]:
-    f = lambda: EB.peer_experts_bwd_tables_kernel[(triton.cdiv(N, rows),)](order, offsets, xs, dy, dh, coef, ddown, dup, N,
-        D=D, D_PAD=1024, HK=H * k, ROWS=rows, BLOCK_J=bj, num_warps=w)
-    t = do_bench(f, rep=30, return_mode="median")
-    print(f"tables kernel ROWS={rows} BJ={bj} warps={w}: {t:.4f} ms {2 * N * D * 2 / (t * 1e-3) / 1e9:.0f} GB/s written", flush=True)
+part = torch.empty((triton.cdiv(T * H * k, E.LONG_ROW_CHUNK), 2, 2, D), device="cuda")
+f = lambda: EB.peer_experts_bwd_tables_kernel[(triton.cdiv(N, 16),)](order, sorted_ids, offsets, xs, dy, dh, coef, part,
+    ddown, dup, N, D=D, D_PAD=1024, HK=H * k, ROWS=16, BLOCK_J=2, CHUNK=E.LONG_ROW_CHUNK, num_warps=4)
+t = do_bench(f, rep=30, return_mode="median")
+print(f"tables kernel (uniform ids): {t:.4f} ms {2 * N * D * 2 / (t * 1e-3) / 1e9:.0f} GB/s written", flush=True)
 print(f"zero_ of both tables: {do_bench(lambda: (ddown.zero_(), dup.zero_()), rep=30, return_mode='median'):.4f} ms", flush=True)
+# skewed ids (Zipf, s = 1, as the suite's): hot rows summed in chunks of LONG_ROW_CHUNK
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cases  # noqa: E402  (bench/cases.py: the suite's Zipf ids)
+zidx = cases.zipf_ids((T, H, k), N, 1.0, torch.Generator().manual_seed(0), "cuda")
+def zstep():
+    for t_ in (x, down, up, gates):
+        t_.grad = None
+    pk.peer_experts(x, zidx, gates, down, up).backward(dy)
+counts = torch.bincount(zidx.reshape(-1), minlength=N)
+print(f"Zipf ids: hottest row {counts.max().item()} occurrences, {(counts > E.LONG_ROW_CHUNK).sum().item()} rows "
+      f"> {E.LONG_ROW_CHUNK}; fwd+bwd {do_bench(zstep, warmup=5, rep=100, return_mode='median'):.4f} ms", flush=True)

@@ -16,7 +16,10 @@ with atomics (non-deterministic order).
 expert id (stable) with CSR offsets per row; one program owns ROWS consecutive rows of
 both tables and writes each row exactly once (zeros for unselected rows), summing its
 occurrences BLOCK_J at a time in a fixed order: bitwise reproducible, no atomics, no
-fp32 scratch tables. x and dy are re-read from L2.
+fp32 scratch tables. x and dy are re-read from L2. A row with more than CHUNK
+occurrences (a hot expert) would leave one program summing it alone; its occurrences are
+summed by `peer_experts_bwd_chunks_kernel` first, CHUNK per program, into fp32 partials,
+which the tables kernel then adds in chunk order (still a fixed order).
 """
 import triton
 import triton.language as tl
@@ -64,10 +67,71 @@ def peer_experts_bwd_token_kernel(
 
 
 @triton.jit
+def _segment_sum(order_ptr, x_ptr, dy_ptr, dh_ptr, coef_ptr, lo, hi, offs_d, d_mask,
+                 D: tl.constexpr, D_PAD: tl.constexpr, HK: tl.constexpr, BLOCK_J: tl.constexpr):
+    """sum over sorted positions [lo, hi) of dh * x[tok] and c * dy[tok] (fp32, in order)."""
+    acc_down = tl.zeros((D_PAD,), tl.float32)  # [D_PAD]
+    acc_up = tl.zeros((D_PAD,), tl.float32)  # [D_PAD]
+    for j0 in range(lo, hi, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        j_mask = offs_j < hi
+        slot = tl.load(order_ptr + offs_j, mask=j_mask, other=0).to(tl.int64)  # [BLOCK_J] flat t*HK+s
+        tok = slot // HK
+        dh = tl.load(dh_ptr + slot, mask=j_mask, other=0.0)  # [BLOCK_J]
+        c = tl.load(coef_ptr + slot, mask=j_mask, other=0.0)
+        m2 = j_mask[:, None] & d_mask[None, :]
+        xs = tl.load(x_ptr + tok[:, None] * D + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+        dys = tl.load(dy_ptr + tok[:, None] * D + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+        acc_down += tl.sum(dh[:, None] * xs, axis=0)
+        acc_up += tl.sum(c[:, None] * dys, axis=0)
+    return acc_down, acc_up
+
+
+@triton.jit
+def peer_experts_bwd_chunks_kernel(
+    order_ptr, ids_ptr, offsets_ptr, x_ptr, dy_ptr, dh_ptr, coef_ptr, part_ptr,
+    L,
+    D: tl.constexpr, D_PAD: tl.constexpr, HK: tl.constexpr, CHUNK: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Long rows (more than CHUNK occurrences, e.g. hot experts of skewed routing) are summed
+    in parallel: program c takes the sorted positions [c*CHUNK, (c+1)*CHUNK) and, for the
+    long rows among them, writes the partial sums to part[c, slot] (fp32, [2 tables, D]);
+    slot 0 is the range's first row, slot 1 its last. A long row never lies strictly inside
+    one range, so no other row of the range can be long. The tables kernel adds the partials."""
+    offs_d = tl.arange(0, D_PAD)
+    d_mask = offs_d < D
+    c = tl.program_id(0).to(tl.int64)
+    lo = c * CHUNK
+    hi = tl.minimum(lo + CHUNK, L)
+    first = tl.load(ids_ptr + lo).to(tl.int64)
+    last = tl.load(ids_ptr + hi - 1).to(tl.int64)
+    _chunk_partial(order_ptr, offsets_ptr, x_ptr, dy_ptr, dh_ptr, coef_ptr, part_ptr + (c * 2) * (2 * D),
+                   first, lo, hi, offs_d, d_mask, D, D_PAD, HK, CHUNK, BLOCK_J)
+    if last != first:
+        _chunk_partial(order_ptr, offsets_ptr, x_ptr, dy_ptr, dh_ptr, coef_ptr, part_ptr + (c * 2 + 1) * (2 * D),
+                       last, lo, hi, offs_d, d_mask, D, D_PAD, HK, CHUNK, BLOCK_J)
+
+
+@triton.jit
+def _chunk_partial(order_ptr, offsets_ptr, x_ptr, dy_ptr, dh_ptr, coef_ptr, out_ptr, e, lo, hi, offs_d, d_mask,
+                   D: tl.constexpr, D_PAD: tl.constexpr, HK: tl.constexpr, CHUNK: tl.constexpr,
+                   BLOCK_J: tl.constexpr):
+    """If row e is long, its part of positions [lo, hi) -> out_ptr ([2 tables, D] fp32)."""
+    start = tl.load(offsets_ptr + e)
+    end = tl.load(offsets_ptr + e + 1)
+    if end - start > CHUNK:
+        acc_down, acc_up = _segment_sum(order_ptr, x_ptr, dy_ptr, dh_ptr, coef_ptr, tl.maximum(lo, start),
+                                        tl.minimum(hi, end), offs_d, d_mask, D, D_PAD, HK, BLOCK_J)
+        tl.store(out_ptr + offs_d, acc_down, mask=d_mask)
+        tl.store(out_ptr + D + offs_d, acc_up, mask=d_mask)
+
+
+@triton.jit
 def peer_experts_bwd_tables_kernel(
-    order_ptr, offsets_ptr, x_ptr, dy_ptr, dh_ptr, coef_ptr, ddown_ptr, dup_ptr,
+    order_ptr, ids_ptr, offsets_ptr, x_ptr, dy_ptr, dh_ptr, coef_ptr, part_ptr, ddown_ptr, dup_ptr,
     N,
     D: tl.constexpr, D_PAD: tl.constexpr, HK: tl.constexpr, ROWS: tl.constexpr, BLOCK_J: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     offs_d = tl.arange(0, D_PAD)
     d_mask = offs_d < D
@@ -76,19 +140,16 @@ def peer_experts_bwd_tables_kernel(
         if e < N:
             start = tl.load(offsets_ptr + e)
             end = tl.load(offsets_ptr + e + 1)
-            acc_down = tl.zeros((D_PAD,), tl.float32)  # [D_PAD]
-            acc_up = tl.zeros((D_PAD,), tl.float32)  # [D_PAD]
-            for j0 in range(start, end, BLOCK_J):
-                offs_j = j0 + tl.arange(0, BLOCK_J)
-                j_mask = offs_j < end
-                slot = tl.load(order_ptr + offs_j, mask=j_mask, other=0).to(tl.int64)  # [BLOCK_J] flat t*HK+s
-                tok = slot // HK
-                dh = tl.load(dh_ptr + slot, mask=j_mask, other=0.0)  # [BLOCK_J]
-                c = tl.load(coef_ptr + slot, mask=j_mask, other=0.0)
-                m2 = j_mask[:, None] & d_mask[None, :]
-                xs = tl.load(x_ptr + tok[:, None] * D + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
-                dys = tl.load(dy_ptr + tok[:, None] * D + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
-                acc_down += tl.sum(dh[:, None] * xs, axis=0)
-                acc_up += tl.sum(c[:, None] * dys, axis=0)
+            if end - start <= CHUNK:
+                acc_down, acc_up = _segment_sum(order_ptr, x_ptr, dy_ptr, dh_ptr, coef_ptr, start, end,
+                                                offs_d, d_mask, D, D_PAD, HK, BLOCK_J)
+            else:  # a long row: the partials of the chunks kernel, in chunk order
+                acc_down = tl.zeros((D_PAD,), tl.float32)
+                acc_up = tl.zeros((D_PAD,), tl.float32)
+                for c in range(start // CHUNK, (end - 1) // CHUNK + 1):
+                    k = (tl.load(ids_ptr + c * CHUNK).to(tl.int64) != e).to(tl.int64)  # 0: first row of chunk c
+                    base = part_ptr + (c * 2 + k) * (2 * D)
+                    acc_down += tl.load(base + offs_d, mask=d_mask, other=0.0)
+                    acc_up += tl.load(base + D + offs_d, mask=d_mask, other=0.0)
             tl.store(ddown_ptr + e * D + offs_d, acc_down.to(ddown_ptr.dtype.element_ty), mask=d_mask)
             tl.store(dup_ptr + e * D + offs_d, acc_up.to(dup_ptr.dtype.element_ty), mask=d_mask)

@@ -99,7 +99,7 @@ def _launch_bwd(grad_scores, query, sub_keys, ids):
     kset = torch.arange(heads, device=e.device).view(1, 1, heads, 1) if per_head else 0
     rows = (kset * 2 + half) * n + sub
     num_rows = num_sets * 2 * n
-    order, offsets = sorted_segments(rows, num_rows)
+    order, offsets, _ = sorted_segments(rows, num_rows)
     dkeys = torch.empty(sub_keys.shape, device=sub_keys.device, dtype=sub_keys.dtype)
     block_rows = 4
     kernels.pk_topk_bwd_keys_kernel[(triton.cdiv(num_rows, block_rows),)](

@@ -12,10 +12,11 @@ from .csrc_triton.segments import csr_offsets_kernel
 
 
 def sorted_segments(rows: torch.Tensor, num_rows: int):
-    """rows: any-shape int tensor of row ids in [0, num_rows). Returns (order, offsets):
+    """rows: any-shape int tensor of row ids in [0, num_rows). Returns (order, offsets, ids):
     order [L] int64, the flat positions sorted by row id (stable: ascending position
     within a row); offsets [num_rows + 1] int64, CSR starts (row e owns
-    order[offsets[e]:offsets[e + 1]]). No host sync (usable in CUDA graphs)."""
+    order[offsets[e]:offsets[e + 1]]); ids [L], the sorted row ids (int32 when num_rows
+    < 2^31). No host sync (usable in CUDA graphs)."""
     flat = rows.reshape(-1)
     if num_rows < 2**31:
         flat = flat.to(torch.int32)  # a 32-bit radix sort is about twice as fast
@@ -25,4 +26,4 @@ def sorted_segments(rows: torch.Tensor, num_rows: int):
     csr_offsets_kernel[(triton.cdiv(num_rows + 1, block),)](
         ids, offsets, ids.numel(), num_rows, STEPS=max(1, ids.numel().bit_length()), BLOCK=block, num_warps=4,
     )
-    return order, offsets
+    return order, offsets, ids

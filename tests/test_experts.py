@@ -84,6 +84,28 @@ def test_all_tokens_to_one_expert(backward, device):
     assert (grads[2][other] == 0).all() and (grads[3][other] == 0).all()
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 8])
+def test_long_rows_summed_in_chunks(chunk, device, monkeypatch):
+    """Rows selected more than LONG_ROW_CHUNK times (hot experts) are summed in chunks by
+    several programs, partials added in order: same grads as the reference, bitwise the
+    same run after run. Hot rows first, last and in the middle of the sorted order, a row of
+    exactly `chunk` occurrences, and chunk boundaries falling inside and between rows."""
+    import peer_kernels.experts as E
+
+    monkeypatch.setattr(E, "LONG_ROW_CHUNK", chunk)
+    x, idx, gates, down, up = _inputs((11,), 2, 3, 40, 12, torch.float32, device=device, seed=7)
+    idx[:, 0, :] = 0  # 33 occurrences of row 0
+    idx[:, 1, 0] = 11  # 11 of the last row
+    idx[:5, 1, 1] = 6  # 5 of a middle row
+    idx[5:5 + chunk, 1, 2] = 3  # exactly `chunk` of row 3 (not long)
+    torch.manual_seed(0)  # the same dy both times
+    _, grads = check_against_reference(x, idx, gates, down, up, "gelu")
+    torch.manual_seed(0)
+    _, again = check_against_reference(x, idx, gates, down, up, "gelu")
+    for a, b in zip(grads, again):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("ids", ["uniform", "one_row", "first_and_last", "empty"])
 def test_sorted_slots_csr(ids, device):
     """The backward's sort: stable order of the slots by id and CSR row starts, against
@@ -96,9 +118,10 @@ def test_sorted_slots_csr(ids, device):
            "one_row": torch.full((9, 4), 17),
            "first_and_last": torch.tensor([[n - 1, 0, n - 1], [0, 0, n - 1]]),
            "empty": torch.zeros(0, 4, dtype=torch.int64)}[ids].to(device)
-    order, offsets = sorted_segments(idx, n)
+    order, offsets, sorted_ids = sorted_segments(idx, n)
     flat = idx.reshape(-1).cpu()
     assert torch.equal(order.cpu(), torch.argsort(flat, stable=True))
+    assert torch.equal(sorted_ids.cpu().long(), flat[torch.argsort(flat, stable=True)])
     expect = torch.zeros(n + 1, dtype=torch.int64)
     expect[1:] = torch.bincount(flat, minlength=n).cumsum(0)
     assert torch.equal(offsets.cpu(), expect)
