@@ -117,6 +117,15 @@ def _compact(scr_row_ptr, packed, keep, cnt, CAP: tl.constexpr):
 
 
 @triton.jit
+def _rank_survivors(scr_row_ptr, cnt, W: tl.constexpr, KP: tl.constexpr):
+    """Top-KP (packed, descending) of the first min(cnt, W) scratch entries of each row."""
+    slots = tl.arange(0, W)
+    cand = tl.load(scr_row_ptr[:, None] + slots[None, :], mask=slots[None, :] < cnt[:, None],
+                   other=-9223372036854775808)  # [BLOCK_M, W]
+    return _top_rounds(cand, KP)
+
+
+@triton.jit
 def _score_tile(q, keys_ptr, n0, n, offs_d, d_mask,
                 DH: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Scores of one tile of BLOCK_N sub-keys: q [BM, DH_PAD] . C[n0:n0+BLOCK_N]^T -> fp32."""
@@ -172,15 +181,9 @@ def _half_topk(
     tl.debug_barrier()
     # rank the survivors: over CAP // 2 slots when every row has that few (most blocks)
     if tl.max(tl.where(m_mask, cnt, 0), axis=0) <= CAP // 2:
-        slots = tl.arange(0, CAP // 2)
-        cand = tl.load(scr_row_ptr[:, None] + slots[None, :], mask=slots[None, :] < cnt[:, None],
-                       other=-9223372036854775808)  # [BLOCK_M, CAP // 2]
-        best = _top_rounds(cand, KP)  # [BLOCK_M, KP]
+        best = _rank_survivors(scr_row_ptr, cnt, CAP // 2, KP)  # [BLOCK_M, KP]
     else:
-        slots2 = tl.arange(0, CAP)
-        cand2 = tl.load(scr_row_ptr[:, None] + slots2[None, :], mask=slots2[None, :] < cnt[:, None],
-                        other=-9223372036854775808)  # [BLOCK_M, CAP]
-        best = _top_rounds(cand2, KP)
+        best = _rank_survivors(scr_row_ptr, cnt, CAP, KP)
     tl.debug_barrier()  # the other half and the pairs reuse the scratch
     need = tl.minimum(n, KP)
     bad = tl.where(m_mask, (cnt > CAP) | (cnt < need), False) | (tl.max(nan, axis=1) > 0)

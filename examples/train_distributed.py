@@ -318,9 +318,9 @@ def run_mode(mode, args, device, ref):
     # first-step gradients: every parameter at flip_rtol (near-tie flips), the median at --rtol
     errs = {n: rel_err(g, ref["grads"][n]) for n, g in grads.items()}
     in_peer = peer_params(inner)
-    tab = {n: e for n, e in errs.items() if n in in_peer}
+    peer = {n: e for n, e in errs.items() if n in in_peer}
     other = {n: e for n, e in errs.items() if n not in in_peer}
-    worst, worst_tab, worst_other = (max(d, key=d.get) if d else None for d in (errs, tab, other))
+    worst, worst_peer, worst_other = (max(d, key=d.get) if d else None for d in (errs, peer, other))
     flip_tol, _ = flip_rtol(args)
     median = statistics.median(errs.values())
     grad_ok = all(e <= flip_tol for e in errs.values()) and median <= args.rtol
@@ -346,7 +346,7 @@ def run_mode(mode, args, device, ref):
                 grad_max_rel_err=errs[worst], grad_worst_param=worst,  # over all parameters, PEER's included
                 grad_median_rel_err=median,
                 grad_other_max_rel_err=other.get(worst_other, 0.0), grad_other_worst_param=worst_other,
-                grad_peer_max_rel_err=tab.get(worst_tab, 0.0), grad_peer_worst_param=worst_tab,
+                grad_peer_max_rel_err=peer.get(worst_peer, 0.0), grad_peer_worst_param=worst_peer,
                 grad_flip_rtol=flip_tol, grad_ok=grad_ok,
                 loss_first_rel_diff=diffs[0], loss_later_max_rel_diff=later, loss_max_rel_diff=max(diffs),
                 trains=trains, loss_ok=loss_ok,
