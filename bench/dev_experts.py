@@ -40,8 +40,7 @@ order, offsets, sorted_ids = sorted_segments(flat, N)
 print(f"sort + csr offsets: {do_bench(lambda: sorted_segments(flat, N), rep=50, return_mode='median'):.4f} ms", flush=True)
 xs = x.detach(); dh = torch.randn(T, H * k, device="cuda"); coef = torch.randn_like(dh)
 ddown = torch.empty_like(down); dup = torch.empty_like(up)
-part = torch.empty((triton.cdiv(T * H * k, E.LONG_ROW_CHUNK), 2, 2, D), device="cuda")
-f = lambda: EB.peer_experts_bwd_tables_kernel[(triton.cdiv(N, 16),)](order, sorted_ids, offsets, xs, dy, dh, coef, part,
+f = lambda: EB.peer_experts_bwd_tables_kernel[(triton.cdiv(N, 16),)](order, offsets, xs, dy, dh, coef,
     ddown, dup, N, D=D, D_PAD=1024, HK=H * k, ROWS=16, BLOCK_J=2, CHUNK=E.LONG_ROW_CHUNK, num_warps=4)
 t = do_bench(f, rep=30, return_mode="median")
 print(f"tables kernel (uniform ids): {t:.4f} ms {2 * N * D * 2 / (t * 1e-3) / 1e9:.0f} GB/s written", flush=True)

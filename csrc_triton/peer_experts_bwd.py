@@ -17,9 +17,11 @@ expert id (stable) with CSR offsets per row; one program owns ROWS consecutive r
 both tables and writes each row exactly once (zeros for unselected rows), summing its
 occurrences BLOCK_J at a time in a fixed order: bitwise reproducible, no atomics, no
 fp32 scratch tables. x and dy are re-read from L2. A row with more than CHUNK
-occurrences (a hot expert) would leave one program summing it alone; its occurrences are
-summed by `peer_experts_bwd_chunks_kernel` first, CHUNK per program, into fp32 partials,
-which the tables kernel then adds in chunk order (still a fixed order).
+occurrences (a hot expert) would leave one program summing it alone, so the tables kernel
+skips those long rows: `peer_experts_bwd_chunks_kernel` sums their occurrences CHUNK per
+program into fp32 partials and `peer_experts_bwd_long_rows_kernel` adds each long row's
+partials in chunk order (still a fixed order) and writes the row. The two run on a side
+stream while the tables kernel runs: the tables kernel never waits for them.
 """
 import triton
 import triton.language as tl
@@ -97,7 +99,7 @@ def peer_experts_bwd_chunks_kernel(
     in parallel: program c takes the sorted positions [c*CHUNK, (c+1)*CHUNK) and, for the
     long rows among them, writes the partial sums to part[c, slot] (fp32, [2 tables, D]);
     slot 0 is the range's first row, slot 1 its last. A long row never lies strictly inside
-    one range, so no other row of the range can be long. The tables kernel adds the partials."""
+    one range, so no other row of the range can be long. The long-rows kernel adds the partials."""
     offs_d = tl.arange(0, D_PAD)
     d_mask = offs_d < D
     c = tl.program_id(0).to(tl.int64)
@@ -127,12 +129,53 @@ def _chunk_partial(order_ptr, offsets_ptr, x_ptr, dy_ptr, dh_ptr, coef_ptr, out_
 
 
 @triton.jit
+def peer_experts_bwd_long_rows_kernel(
+    ids_ptr, offsets_ptr, part_ptr, ddown_ptr, dup_ptr,
+    L,
+    D: tl.constexpr, D_PAD: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Writes the long rows (more than CHUNK occurrences): program c finalizes the long rows
+    that start in the sorted range [c*CHUNK, (c+1)*CHUNK) (its first and/or last row), each
+    the sum of its chunks' partials (peer_experts_bwd_chunks_kernel) in chunk order."""
+    offs_d = tl.arange(0, D_PAD)
+    d_mask = offs_d < D
+    c = tl.program_id(0).to(tl.int64)
+    lo = c * CHUNK
+    first = tl.load(ids_ptr + lo).to(tl.int64)
+    last = tl.load(ids_ptr + tl.minimum(lo + CHUNK, L) - 1).to(tl.int64)
+    _long_row(ids_ptr, offsets_ptr, part_ptr, ddown_ptr, dup_ptr, first, c, offs_d, d_mask, D, D_PAD, CHUNK)
+    if last != first:
+        _long_row(ids_ptr, offsets_ptr, part_ptr, ddown_ptr, dup_ptr, last, c, offs_d, d_mask, D, D_PAD, CHUNK)
+
+
+@triton.jit
+def _long_row(ids_ptr, offsets_ptr, part_ptr, ddown_ptr, dup_ptr, e, c, offs_d, d_mask,
+              D: tl.constexpr, D_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    """If row e is long and starts in chunk c: its partials summed in chunk order -> row e."""
+    start = tl.load(offsets_ptr + e)
+    end = tl.load(offsets_ptr + e + 1)
+    if (end - start > CHUNK) & (start // CHUNK == c):
+        acc_down = tl.zeros((D_PAD,), tl.float32)
+        acc_up = tl.zeros((D_PAD,), tl.float32)
+        for j in range(c, (end - 1) // CHUNK + 1):
+            k = (tl.load(ids_ptr + j * CHUNK).to(tl.int64) != e).to(tl.int64)  # 0: first row of chunk j
+            base = part_ptr + (j * 2 + k) * (2 * D)
+            acc_down += tl.load(base + offs_d, mask=d_mask, other=0.0)
+            acc_up += tl.load(base + D + offs_d, mask=d_mask, other=0.0)
+        tl.store(ddown_ptr + e * D + offs_d, acc_down.to(ddown_ptr.dtype.element_ty), mask=d_mask)
+        tl.store(dup_ptr + e * D + offs_d, acc_up.to(dup_ptr.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
 def peer_experts_bwd_tables_kernel(
-    order_ptr, ids_ptr, offsets_ptr, x_ptr, dy_ptr, dh_ptr, coef_ptr, part_ptr, ddown_ptr, dup_ptr,
+    order_ptr, offsets_ptr, x_ptr, dy_ptr, dh_ptr, coef_ptr, ddown_ptr, dup_ptr,
     N,
     D: tl.constexpr, D_PAD: tl.constexpr, HK: tl.constexpr, ROWS: tl.constexpr, BLOCK_J: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
+    """Rows [pid*ROWS, (pid+1)*ROWS) of both gradient tables, each written once (zeros where
+    unselected), except the long rows (more than CHUNK occurrences), which
+    peer_experts_bwd_long_rows_kernel writes."""
     offs_d = tl.arange(0, D_PAD)
     d_mask = offs_d < D
     for r in range(ROWS):
@@ -143,13 +186,5 @@ def peer_experts_bwd_tables_kernel(
             if end - start <= CHUNK:
                 acc_down, acc_up = _segment_sum(order_ptr, x_ptr, dy_ptr, dh_ptr, coef_ptr, start, end,
                                                 offs_d, d_mask, D, D_PAD, HK, BLOCK_J)
-            else:  # a long row: the partials of the chunks kernel, in chunk order
-                acc_down = tl.zeros((D_PAD,), tl.float32)
-                acc_up = tl.zeros((D_PAD,), tl.float32)
-                for c in range(start // CHUNK, (end - 1) // CHUNK + 1):
-                    k = (tl.load(ids_ptr + c * CHUNK).to(tl.int64) != e).to(tl.int64)  # 0: first row of chunk c
-                    base = part_ptr + (c * 2 + k) * (2 * D)
-                    acc_down += tl.load(base + offs_d, mask=d_mask, other=0.0)
-                    acc_up += tl.load(base + D + offs_d, mask=d_mask, other=0.0)
-            tl.store(ddown_ptr + e * D + offs_d, acc_down.to(ddown_ptr.dtype.element_ty), mask=d_mask)
-            tl.store(dup_ptr + e * D + offs_d, acc_up.to(dup_ptr.dtype.element_ty), mask=d_mask)
+                tl.store(ddown_ptr + e * D + offs_d, acc_down.to(ddown_ptr.dtype.element_ty), mask=d_mask)
+                tl.store(dup_ptr + e * D + offs_d, acc_up.to(dup_ptr.dtype.element_ty), mask=d_mask)

@@ -15,6 +15,7 @@ from .checks import check_expert_args, check_index_range, resolve_backend
 from .csrc_triton.activations import ACT_CODES
 from .csrc_triton.peer_experts_bwd import (
     peer_experts_bwd_chunks_kernel,
+    peer_experts_bwd_long_rows_kernel,
     peer_experts_bwd_tables_kernel,
     peer_experts_bwd_token_kernel,
 )
@@ -78,24 +79,38 @@ def _launch_fwd(x, idx, gates, down, up, activation):
 _SIDE_STREAMS: dict = {}
 
 
-def _sorted_segments_overlapped(idx: torch.Tensor, num_rows: int, work):
-    """sorted_segments(idx) on a side stream while `work()` (the token kernel) runs on the
-    current stream, then joins: the sort only needs the ids. CPU: one after the other."""
-    if not idx.is_cuda:
-        work()
-        return sorted_segments(idx, num_rows)
-    main = torch.cuda.current_stream(idx.device)
-    side = _SIDE_STREAMS.get(idx.device)
+def _side_stream(device: torch.device):
+    side = _SIDE_STREAMS.get(device)
     if side is None:
-        side = _SIDE_STREAMS[idx.device] = torch.cuda.Stream(idx.device)
+        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return side
+
+
+def _beside(device: torch.device, side_work, work):
+    """side_work() on a side stream while work() runs on the current stream, then joins
+    (tensors made by the current stream before the call may be used by both). CPU: in turn."""
+    if device.type != "cuda":
+        side_work()
+        work()
+        return
+    main = torch.cuda.current_stream(device)
+    side = _side_stream(device)
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        order, offsets, ids = sorted_segments(idx, num_rows)
+        side_work()
     work()
     main.wait_stream(side)
-    for t in (order, offsets, ids):  # allocated on the side stream, used (and freed) on the main one
-        t.record_stream(main)
-    return order, offsets, ids
+
+
+def _sorted_segments_overlapped(idx: torch.Tensor, num_rows: int, work):
+    """sorted_segments(idx) on a side stream while `work()` (the token kernel) runs on the
+    current stream: the sort only needs the ids."""
+    out = []
+    _beside(idx.device, lambda: out.extend(sorted_segments(idx, num_rows)), work)
+    if idx.is_cuda:
+        for t in out:  # allocated on the side stream, used (and freed) on the current one
+            t.record_stream(torch.cuda.current_stream(idx.device))
+    return tuple(out)
 
 
 def _launch_bwd(dy, x, idx, gates, down, up, pre, activation, mode):
@@ -131,18 +146,28 @@ def _launch_bwd(dy, x, idx, gates, down, up, pre, activation, mode):
     order, offsets, ids = _sorted_segments_overlapped(idx, n_rows, token_kernel)
     occurrences = t * hk
     chunk = LONG_ROW_CHUNK
-    # partials of the long rows (hot experts): [chunks, first/last row, 2 tables, D] fp32
+    # the long rows (hot experts) on a side stream: partials [chunks, first/last row, 2 tables, D]
+    # fp32 summed CHUNK occurrences per program, then added per row in chunk order
     part = torch.empty((triton.cdiv(occurrences, chunk), 2, 2, d), device=x.device, dtype=torch.float32)
-    if occurrences > 0:
-        peer_experts_bwd_chunks_kernel[(part.shape[0],)](
-            order, ids, offsets, x, dy, dh, coef, part, occurrences,
-            D=d, D_PAD=d_pad, HK=hk, CHUNK=chunk, BLOCK_J=4, num_warps=warps,
+
+    def long_rows():
+        if occurrences > 0:
+            peer_experts_bwd_chunks_kernel[(part.shape[0],)](
+                order, ids, offsets, x, dy, dh, coef, part, occurrences,
+                D=d, D_PAD=d_pad, HK=hk, CHUNK=chunk, BLOCK_J=4, num_warps=warps,
+            )
+            peer_experts_bwd_long_rows_kernel[(part.shape[0],)](
+                ids, offsets, part, ddown, dup, occurrences, D=d, D_PAD=d_pad, CHUNK=chunk, num_warps=warps,
+            )
+
+    def other_rows():
+        rows = 16  # sweep (bench/dev_experts.py): 16 rows x 2 occurrences 1.42 ms, 4 x 4 1.45 ms
+        peer_experts_bwd_tables_kernel[(triton.cdiv(n_rows, rows),)](
+            order, offsets, x, dy, dh, coef, ddown, dup, n_rows,
+            D=d, D_PAD=d_pad, HK=hk, ROWS=rows, BLOCK_J=2, CHUNK=chunk, num_warps=warps,
         )
-    rows = 16  # sweep (bench/dev_experts.py): 16 rows x 2 occurrences 1.42 ms, 4 x 4 1.45 ms
-    peer_experts_bwd_tables_kernel[(triton.cdiv(n_rows, rows),)](
-        order, ids, offsets, x, dy, dh, coef, part, ddown, dup, n_rows,
-        D=d, D_PAD=d_pad, HK=hk, ROWS=rows, BLOCK_J=2, CHUNK=chunk, num_warps=warps,
-    )
+
+    _beside(x.device, long_rows, other_rows)
     return dx, dgates, ddown, dup
 
 
