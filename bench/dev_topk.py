@@ -1,7 +1,7 @@
 """Development: the retrieval forward kernel at the paper config (T=4096, H=8, n=1024,
 Dk=128, k=16, bf16): launch configs, the time split (scores vs selection) and the
 fallback path; see bench/NOTES.md. GPU only."""
-import os, sys, torch, triton
+import os, sys, time, torch, triton
 import triton.language as tl
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from triton.testing import do_bench
@@ -28,13 +28,25 @@ def scores_only_kernel(q_ptr, keys_ptr, out_ptr, M, n, H, DK: tl.constexpr, DH_P
         kb = keys_ptr + (h.to(tl.int64) * 2 + p) * n * DH
         for _ in tl.static_range(2):  # pass A and pass B
             for n0 in range(0, n, BLOCK_N):
-                s, offs_n, n_mask = _score_tile(q, kb, n0, n, offs_d, d_mask, DH, BLOCK_N, False, "tf32")
+                s, offs_n, n_mask = _score_tile(q, kb, n0, n, offs_d, d_mask, DH, BLOCK_N, True, False, "tf32")
                 acc = tl.maximum(acc, s)
     tl.store(out_ptr + row, tl.max(acc, axis=1), mask=m_mask)
 
 
 def ms(f, rep=100):
     return do_bench(f, warmup=10, rep=rep, return_mode="median")
+
+
+def cpu_us(f, n=50):
+    """Host time per call when the GPU is not waited for (launch overhead, if the GPU keeps up)."""
+    f()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        f()
+    dt = (time.perf_counter() - t0) / n
+    torch.cuda.synchronize()
+    return dt * 1e6
 
 
 torch.manual_seed(0)
@@ -44,12 +56,14 @@ for T in (4096, 16384):
     q = torch.randn(T, H, dk, device="cuda", dtype=torch.bfloat16)
     keys = torch.randn(H, 2, n, dk // 2, device="cuda", dtype=torch.bfloat16)
     s_ref, i_ref = pk.product_key_topk(q, keys, k, backend="torch")
-    # measured 2026-11-30 (bench/NOTES.md): maxnreg 160 0.479, no maxnreg 0.582, BLOCK_M 32 + 8 warps 0.475 ms
-    variants = [("default", {}), ("2 warps", {"num_warps": 2}), ("8 warps", {"num_warps": 8}),
-                ("BLOCK_N 64", {"BLOCK_N": 64})] if T == 4096 else [("default", {})]
+    # measured 2026-11-30 (bench/NOTES.md): 16 rows + cumsum compaction 0.397 ms, + atomic slots 0.358,
+    # 64 rows x 64 sub-keys + atomic slots + tau by tl.sort 0.279 (8 warps 0.279), the same with the
+    # cumsum 0.399, 32 rows + atomic slots + sort 0.409; earlier: maxnreg 160 0.479, no maxnreg 0.582
+    variants = [("default", {}), ("16 rows", {"BLOCK_M": 16, "BLOCK_N": 128}), ("BN 128", {"BLOCK_N": 128}),
+                ("maxnreg 168", {"maxnreg": 168})] if T == 4096 else [("default", {})]
     for name, over in variants:
-        def cfg(nn, kp, over=over):
-            c = dict(base(nn, kp), **over)
+        def cfg(nn, kp, dh=64, upcast=False, many=True, over=over):
+            c = dict(base(nn, kp, dh, upcast, many), **over)
             return {a: b for a, b in c.items() if b is not None}
         R._fwd_config = cfg
         try:
@@ -61,19 +75,22 @@ for T in (4096, 16384):
             print(f"T={T} fwd kernel [{name}]: FAILED {type(e).__name__} {str(e)[:300]}", flush=True)
     R._fwd_config = base
     out = torch.empty(T * H, device="cuda")
-    so = lambda: scores_only_kernel[(triton.cdiv(T, 16), H)](q, keys, out, T, n, H, DK=dk, DH_PAD=64, BLOCK_M=16,
-                                                             BLOCK_N=128, num_warps=4, maxnreg=128)
-    print(f"T={T} scores only (2 passes x 2 halves of tl.dot, {2 * 2 * T * H * n * dk / 1e9:.1f} GFLOP): "
-          f"{ms(so):.4f} ms", flush=True)
+    for bm, bn in ((16, 128), (64, 64)):
+        so = lambda: scores_only_kernel[(triton.cdiv(T, bm), H)](q, keys, out, T, n, H, DK=dk, DH_PAD=64, BLOCK_M=bm,
+                                                                 BLOCK_N=bn, num_warps=4, maxnreg=128)
+        print(f"T={T} scores only, {bm} x {bn} tiles (2 passes x 2 halves of tl.dot, "
+              f"{2 * 2 * T * H * n * dk / 1e9:.1f} GFLOP): {ms(so):.4f} ms", flush=True)
     print(f"T={T} public op fwd: {ms(lambda: pk.product_key_topk(q, keys, k)):.4f} ms", flush=True)
     qg = q.clone().requires_grad_(); kg = keys.clone().requires_grad_()
     def fb():
         s, _ = pk.product_key_topk(qg, kg, k); s.sum().backward(); qg.grad = None; kg.grad = None
     print(f"T={T} public op fwd+bwd: {ms(fb):.4f} ms", flush=True)
+    print(f"T={T} CPU time per call (no sync): fwd op {cpu_us(lambda: pk.product_key_topk(q, keys, k)):.0f} us, "
+          f"fwd+bwd {cpu_us(fb):.0f} us", flush=True)
     s, ids = pk.product_key_topk(q, keys, k)
     gs = torch.randn_like(s)
-    print(f"T={T} backward launcher (dq kernel + sort + dC kernel): {ms(lambda: R._launch_bwd(gs, q, keys, ids)):.4f} ms",
-          flush=True)
+    print(f"T={T} backward launcher (dq kernel + sort + dC kernel): {ms(lambda: R._launch_bwd(gs, q, keys, ids)):.4f} ms, "
+          f"CPU {cpu_us(lambda: R._launch_bwd(gs, q, keys, ids)):.0f} us", flush=True)
     rows = (torch.arange(H, device="cuda").view(1, 1, H, 1) * 2 + torch.arange(2, device="cuda").view(2, 1, 1, 1)) * n \
         + torch.stack((ids // n, ids % n))
     print(f"T={T} sorted_segments of the {rows.numel()} selections: "

@@ -4,12 +4,13 @@ Forward (`pk_topk_fwd_kernel`), one program per block of BLOCK_M query rows of o
 For each half p of the query, s_p = C_p q_p over tiles of BLOCK_N sub-keys (tl.dot, fp32
 accumulation), in two passes over the tiles (`_half_topk`):
   A. g = running elementwise max of the tiles, folded into GROUPS disjoint groups; tau =
-     the KP-th largest group maximum. KP groups hold an element >= tau, so the whole
-     top KP is >= tau: an exact bound, not a guess.
-  B. the scores again; the few >= tau (~1.3 KP on random data) are compacted into a
-     per-row scratch of CAP slots (cumsum positions) and the top KP of those is taken by
-     KP rounds of row maxima over CAP / 2 values (CAP where a row of the block has more
-     survivors) instead of over all n.
+     the KP-th largest group maximum (by rounds of row maxima; lower with ties). KP groups
+     hold an element >= tau, so the whole top KP is >= tau: an exact bound, not a guess.
+  B. the scores again; the few >= tau (~1.3 KP on random data) are appended to a per-row
+     scratch of CAP slots (slots handed out by a per-row atomic counter: cheaper than a
+     cumsum over every tile, and the order of the slots does not change the result) and
+     the top KP of those is taken by KP rounds of row maxima over CAP / 2 values (CAP
+     where a row of the block has more survivors) instead of over all n.
   A row with more than CAP survivors (ties, adversarial data) or a NaN score sends its
   block to the exact fallback: KP rounds of row maxima per tile (`_half_topk_rounds`).
 Candidates are packed int64 (order-preserving score bits << 32 | MAX_ID - id: ties go
@@ -19,6 +20,8 @@ list through scratch, and their top K by rounds of row maxima. Writes
 scores [M, H, K] fp32 (descending) and expert ids [M, H, K] int64. The [M, H, 2, n]
 score matrix never reaches memory; nothing extra is saved for the backward.
 Speed and what was tried: bench/NOTES.md.
+
+The forward is deterministic: the atomics only pick slots.
 
 Backward (both deterministic, no atomics):
   `pk_topk_bwd_query_kernel`: dq_p[m] = sum_r g[m, r] * C_p[sub_p(id[m, r])], a gather.
@@ -107,13 +110,22 @@ def _top_rounds(packed, KP: tl.constexpr):
 
 
 @triton.jit
-def _compact(scr_row_ptr, packed, keep, cnt, CAP: tl.constexpr):
-    """Appends the kept entries of packed [BM, C] to each row's scratch after cnt [BM]
-    entries (order of the columns); returns the new counts (may exceed CAP: not stored)."""
-    k32 = keep.to(tl.int32)
-    pos = cnt[:, None] + tl.cumsum(k32, axis=1) - 1
-    tl.store(scr_row_ptr[:, None] + pos, packed, mask=keep & (pos < CAP))
-    return cnt + tl.sum(k32, axis=1)
+def _drop_max(x):
+    return tl.where(x == tl.max(x, axis=1)[:, None], float("-inf"), x)
+
+
+@triton.jit
+def _kth_largest_bound(x, KP: tl.constexpr):
+    """[BM, G] fp32 -> [BM]: the KP-th largest value of each row when its values are
+    distinct; with ties a value below it (each of the KP - 1 rounds drops every copy of the
+    row maximum), so always a lower bound of the KP-th largest (or -inf)."""
+    if KP <= UNROLL_MAX:
+        for _ in tl.static_range(KP - 1):
+            x = _drop_max(x)
+    else:
+        for _ in range(KP - 1):
+            x = _drop_max(x)
+    return tl.max(x, axis=1)
 
 
 @triton.jit
@@ -126,13 +138,26 @@ def _rank_survivors(scr_row_ptr, cnt, W: tl.constexpr, KP: tl.constexpr):
 
 
 @triton.jit
-def _score_tile(q, keys_ptr, n0, n, offs_d, d_mask,
-                DH: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Scores of one tile of BLOCK_N sub-keys: q [BM, DH_PAD] . C[n0:n0+BLOCK_N]^T -> fp32."""
+def _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH: tl.constexpr, BLOCK_N: tl.constexpr,
+                EVEN_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Scores of one tile of BLOCK_N sub-keys: q [BM, DH_PAD] . C[n0:n0+BLOCK_N]^T -> fp32.
+    EVEN_N (n % BLOCK_N == 0) and DH == DH_PAD drop the masks that are all true: a mask
+    that varies along the row of sub-key elements stops the 16-byte vector loads (one
+    2-byte load per element instead: ~40% of the kernel's instructions, bench/NOTES.md)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < n
-    c = tl.load(keys_ptr + offs_n[:, None].to(tl.int64) * DH + offs_d[None, :],
-                mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, DH_PAD]
+    ptrs = keys_ptr + offs_n[:, None].to(tl.int64) * DH + offs_d[None, :]
+    if EVEN_N:
+        n_mask = tl.full((BLOCK_N,), True, tl.int1)
+        if DH == offs_d.shape[0]:
+            c = tl.load(ptrs)
+        else:
+            c = tl.load(ptrs, mask=d_mask[None, :], other=0.0)
+    else:
+        n_mask = offs_n < n
+        if DH == offs_d.shape[0]:
+            c = tl.load(ptrs, mask=n_mask[:, None], other=0.0)
+        else:
+            c = tl.load(ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, DH_PAD]
     if UPCAST:
         c = c.to(tl.float32)
     else:
@@ -143,9 +168,10 @@ def _score_tile(q, keys_ptr, n0, n, offs_d, d_mask,
 
 @triton.jit
 def _half_topk(
-    q_row_ptr, keys_ptr, scr_row_ptr, offs_m, m_mask, n,
+    q_row_ptr, keys_ptr, scr_row_ptr, cnt_row_ptr, offs_m, m_mask, n,
     DH: tl.constexpr, DH_PAD: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, CAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Top-KP (packed, descending) of s = C q over all n sub-keys of one half.
 
@@ -154,7 +180,8 @@ def _half_topk(
     tau = the KP-th largest group maximum: KP distinct groups hold an element >= tau, so
     every element of the top KP is >= tau (exact, not a heuristic).
     Pass B: the same scores again; the few elements >= tau (~1.3 KP on random data) are
-    compacted into scratch (scr_row_ptr, CAP slots per row) and ranked there.
+    appended to scratch (scr_row_ptr, CAP slots per row; cnt_row_ptr: the row's int32
+    counter, zero on entry) and ranked there.
     If a row has more than CAP survivors (ties, adversarial data) or a NaN score, the
     block falls back to KP rounds of row maxima per tile (slow, exact)."""
     offs_d = tl.arange(0, DH_PAD)
@@ -166,19 +193,21 @@ def _half_topk(
     g = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)  # [BLOCK_M, BLOCK_N]
     nan = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
     for n0 in range(0, n, BLOCK_N):
-        s, offs_n, n_mask = _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH, BLOCK_N, UPCAST, PRECISION)
+        s, offs_n, n_mask = _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH, BLOCK_N, EVEN_N, UPCAST, PRECISION)
         g = tl.maximum(g, tl.where(n_mask[None, :], s, float("-inf")))
         nan = tl.maximum(nan, (s != s).to(tl.int32))
     gm = tl.max(tl.reshape(g, (BLOCK_M, GROUPS, BLOCK_N // GROUPS)), axis=2)  # [BLOCK_M, GROUPS]
-    above = tl.sum((gm[:, None, :] > gm[:, :, None]).to(tl.int32), axis=2)  # [BLOCK_M, GROUPS]
-    tau = tl.min(tl.where(above < KP, gm, float("inf")), axis=1)  # [BLOCK_M]
-    # pass B: compact the survivors s >= tau into scratch
-    cnt = tl.zeros((BLOCK_M,), tl.int32)
+    tau = _kth_largest_bound(gm, KP)  # [BLOCK_M]
+    # pass B: append the survivors s >= tau to their row's scratch, each at the slot a per-row
+    # atomic counter hands out (slot order varies run to run; the ranking below does not
+    # depend on it: packed values are unique); counts past CAP are kept, slots past CAP not
     for n0 in range(0, n, BLOCK_N):
-        s, offs_n, n_mask = _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH, BLOCK_N, UPCAST, PRECISION)
-        keep = (s >= tau[:, None]) & n_mask[None, :]
-        cnt = _compact(scr_row_ptr, _pack(s, offs_n[None, :], keep), keep, cnt, CAP)
+        s, offs_n, n_mask = _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH, BLOCK_N, EVEN_N, UPCAST, PRECISION)
+        keep = (s >= tau[:, None]) & n_mask[None, :] & m_mask[:, None]
+        pos = tl.atomic_add(tl.broadcast_to(cnt_row_ptr[:, None], (BLOCK_M, BLOCK_N)), 1, mask=keep, sem="relaxed")
+        tl.store(scr_row_ptr[:, None] + pos, _pack(s, offs_n[None, :], True), mask=keep & (pos < CAP))
     tl.debug_barrier()
+    cnt = tl.atomic_add(cnt_row_ptr, 0, sem="relaxed")  # [BLOCK_M] survivors per row
     # rank the survivors: over CAP // 2 slots when every row has that few (most blocks)
     if tl.max(tl.where(m_mask, cnt, 0), axis=0) <= CAP // 2:
         best = _rank_survivors(scr_row_ptr, cnt, CAP // 2, KP)  # [BLOCK_M, KP]
@@ -188,17 +217,17 @@ def _half_topk(
     need = tl.minimum(n, KP)
     bad = tl.where(m_mask, (cnt > CAP) | (cnt < need), False) | (tl.max(nan, axis=1) > 0)
     if tl.max(bad.to(tl.int32), axis=0) > 0:
-        best = _half_topk_rounds(q, keys_ptr, n, offs_d, d_mask, DH, KP, BLOCK_M, BLOCK_N, UPCAST, PRECISION)
+        best = _half_topk_rounds(q, keys_ptr, n, offs_d, d_mask, DH, KP, BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION)
     return best
 
 
 @triton.jit
 def _half_topk_rounds(q, keys_ptr, n, offs_d, d_mask, DH: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                      BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Fallback: running top-KP merged tile by tile by KP rounds of row maxima (exact, slow)."""
     best = tl.full((BLOCK_M, KP), -9223372036854775808, tl.int64)
     for n0 in range(0, n, BLOCK_N):
-        s, offs_n, n_mask = _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH, BLOCK_N, UPCAST, PRECISION)
+        s, offs_n, n_mask = _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH, BLOCK_N, EVEN_N, UPCAST, PRECISION)
         best = _merge_topk(best, _pack(s, offs_n[None, :], n_mask[None, :]), KP)
     return best
 
@@ -210,7 +239,8 @@ def pk_topk_fwd_kernel(
     DK: tl.constexpr, DH_PAD: tl.constexpr, PER_HEAD: tl.constexpr,
     K: tl.constexpr, K_PAD: tl.constexpr, CAND: tl.constexpr, KP: tl.constexpr, PAIRS_PAD: tl.constexpr,
     GROUPS: tl.constexpr, CAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     DH: tl.constexpr = DK // 2
     pid_m = tl.program_id(0)
@@ -219,15 +249,19 @@ def pk_topk_fwd_kernel(
     m_mask = offs_m < M
     row = offs_m.to(tl.int64) * H + h  # [BLOCK_M] row of (token, head)
     q_row_ptr = q_ptr + row * DK
-    scr_row_ptr = scratch_ptr + (pid_m.to(tl.int64) * H + h) * (BLOCK_M * CAP) + tl.arange(0, BLOCK_M) * CAP
+    scr_row_ptr = scratch_ptr + (pid_m.to(tl.int64) * H + h) * (BLOCK_M * (CAP + 2)) + tl.arange(0, BLOCK_M) * (CAP + 2)
+    cnt_row_ptr = (scr_row_ptr + CAP).to(tl.pointer_type(tl.int32), bitcast=True)  # survivor counters of the 2 halves
+    tl.store(cnt_row_ptr, 0)
+    tl.store(cnt_row_ptr + 1, 0)
+    tl.debug_barrier()
     if PER_HEAD:
         kbase = keys_ptr + h.to(tl.int64) * (2 * n * DH)
     else:
         kbase = keys_ptr
-    best1 = _half_topk(q_row_ptr, kbase, scr_row_ptr, offs_m, m_mask, n, DH, DH_PAD, KP, GROUPS, CAP,
-                       BLOCK_M, BLOCK_N, UPCAST, PRECISION)
-    best2 = _half_topk(q_row_ptr + DH, kbase + n * DH, scr_row_ptr, offs_m, m_mask, n, DH, DH_PAD, KP, GROUPS, CAP,
-                       BLOCK_M, BLOCK_N, UPCAST, PRECISION)
+    best1 = _half_topk(q_row_ptr, kbase, scr_row_ptr, cnt_row_ptr, offs_m, m_mask, n, DH, DH_PAD, KP, GROUPS, CAP,
+                       BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION)
+    best2 = _half_topk(q_row_ptr + DH, kbase + n * DH, scr_row_ptr, cnt_row_ptr + 1, offs_m, m_mask, n, DH, DH_PAD, KP,
+                       GROUPS, CAP, BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION)
     # pair stage: pair (a, b) of the sorted candidates is dominated by (a+1)(b+1)-1 others,
     # so only pairs with (a+1)(b+1) <= K can reach the top K: per_a[a] = min(CAND, K // (a+1))
     # of them for each a < CAND, PAIRS in all (50 of the 256 at K = CAND = 16). Pair p is
@@ -257,11 +291,13 @@ def pk_topk_fwd_kernel(
 
 @triton.jit
 def pk_topk_bwd_query_kernel(
-    dscores_ptr, ids_ptr, keys_ptr, dq_ptr,
-    M, n, H,
+    dscores_ptr, ids_ptr, keys_ptr, dq_ptr, rows_ptr,
+    M, n, H, MHK,
     DK: tl.constexpr, DH_PAD: tl.constexpr, PER_HEAD: tl.constexpr,
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
+    """dq, and the dC row of each selection for the keys kernel's sort: rows [2, M, H, K]
+    int32, row = (set * 2 + p) * n + sub-key (set = h with per-head keys, else 0)."""
     DH: tl.constexpr = DK // 2
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -275,14 +311,18 @@ def pk_topk_bwd_query_kernel(
     e = tl.load(ids_ptr + row[:, None] * K + offs_k[None, :], mask=k_mask, other=0)
     if PER_HEAD:
         kbase = keys_ptr + h.to(tl.int64) * (2 * n * DH)
+        kset = h
     else:
         kbase = keys_ptr
+        kset = 0
     mask3 = k_mask[:, :, None] & (offs_d < DH)[None, None, :]
     for p in tl.static_range(2):
         if p == 0:
             sub = e // n
         else:
             sub = e % n
+        tl.store(rows_ptr + p * MHK + row[:, None] * K + offs_k[None, :],
+                 ((kset * 2 + p) * n + sub).to(tl.int32), mask=k_mask)
         c = tl.load(kbase + p * n * DH + sub[:, :, None] * DH + offs_d[None, None, :], mask=mask3, other=0.0)
         dq = tl.sum(g[:, :, None] * c.to(tl.float32), axis=1)  # [BLOCK_M, DH_PAD]
         tl.store(dq_ptr + row[:, None] * DK + p * DH + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),

@@ -33,17 +33,41 @@ def _dot_config(query: torch.Tensor, sub_keys: torch.Tensor):
     return True, ("tf32" if same_half else "ieee")
 
 
-def _fwd_config(n: int, kp: int) -> dict:
+def _fwd_config(n: int, kp: int, dh: int = 64, upcast: bool = False, many_rows: bool = True) -> dict:
     """Launch config of pk_topk_fwd_kernel. GROUPS >= KP group maxima give the threshold;
-    CAP scratch slots per row hold the survivors (~1.3 KP on random data, see the kernel)."""
-    block_n = max(kp, min(128, _pow2(n, 16)))
+    CAP scratch slots per row hold the survivors (~1.3 KP on random data, see the kernel).
+    Half-precision products with KP <= 16 and Dk/2 <= 64 (the paper config), when there are
+    many rows (many_rows: see _many_rows): 64 rows per program, so the tile products are
+    wgmma-sized and a row's reductions stay inside one warp (H200, T = 4096: 0.28 ms vs 0.37
+    ms with 16 rows, bench/NOTES.md). Otherwise 16 rows: a 64-row program takes ~0.2 ms
+    however few there are (T <= 2048: 16 rows are faster), and larger KP, Dk or fp32
+    products would spill heavily at 64 (ptxas on sm_90: 2-3.5 KB of stack).
+    The interpreter (always fp32 products) takes the 64-row config wherever KP and Dk allow,
+    so that the CPU tests cover it."""
+    big = kp <= 16 and dh <= 64 and (interpreting() or (not upcast and many_rows))
+    block_m, block_n = (64, 64) if big else (16, 128)
+    block_n = max(kp, min(block_n, _pow2(n, 16)))
     groups = max(kp, min(32, block_n))
-    cfg = dict(BLOCK_M=16, BLOCK_N=block_n, GROUPS=groups, CAP=max(64, 2 * kp), num_warps=4)
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, GROUPS=groups, CAP=max(64, 2 * kp), num_warps=4)
     if not interpreting():
         # ptxas takes ~193 registers unasked (2 blocks per SM); capped at 128 (some spills)
-        # 6 blocks fit and the H200 forward drops from 0.92 to 0.72 ms (bench/NOTES.md)
+        # more blocks fit and the H200 forward dropped from 0.92 to 0.72 ms (bench/NOTES.md)
         cfg["maxnreg"] = 128
     return cfg
+
+
+_SMS: dict = {}
+
+
+def _many_rows(device: torch.device, m: int, heads: int) -> bool:
+    """Enough 64-row programs to fill the GPU: at least 2.5 per SM (H200, 132 SMs: the
+    64-row config wins from T = 3072 at H = 8; bench/NOTES.md)."""
+    if device.type != "cuda":
+        return True
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return triton.cdiv(m, 64) * heads >= 2.5 * _SMS[idx]
 
 
 def _num_pairs(k: int, candidates: int) -> int:
@@ -62,13 +86,15 @@ def _launch_fwd(query: torch.Tensor, sub_keys: torch.Tensor, k: int, candidates:
     if m > 0:
         kp = _pow2(candidates, 2)
         upcast, precision = _dot_config(query, sub_keys)
-        cfg = _fwd_config(n, kp)
+        cfg = _fwd_config(n, kp, dk // 2, upcast, _many_rows(query.device, m, heads))
         grid = (triton.cdiv(m, cfg["BLOCK_M"]), heads)
-        scratch = torch.empty(grid[0] * heads * cfg["BLOCK_M"] * cfg["CAP"], device=query.device, dtype=torch.int64)
+        # per row: CAP survivor slots, then the int32 survivor counters of both halves
+        scratch = torch.empty(grid[0] * heads * cfg["BLOCK_M"] * (cfg["CAP"] + 2), device=query.device, dtype=torch.int64)
         kernels.pk_topk_fwd_kernel[grid](
             q, sub_keys, scores, ids, scratch, m, n, heads,
             DK=dk, DH_PAD=_pow2(dk // 2, 16), PER_HEAD=sub_keys.dim() == 4,
-            K=k, K_PAD=_pow2(k, 2), CAND=candidates, KP=kp, PAIRS_PAD=_pow2(_num_pairs(k, candidates), 2), UPCAST=upcast, PRECISION=precision, **cfg,
+            K=k, K_PAD=_pow2(k, 2), CAND=candidates, KP=kp, PAIRS_PAD=_pow2(_num_pairs(k, candidates), 2),
+            EVEN_N=n % cfg["BLOCK_N"] == 0, UPCAST=upcast, PRECISION=precision, **cfg,
         )
     return scores.reshape(*query.shape[:-1], k), ids.reshape(*query.shape[:-1], k)
 
@@ -88,16 +114,14 @@ def _launch_bwd(grad_scores, query, sub_keys, ids):
     if m == 0:
         return dq.reshape(query.shape), torch.zeros_like(sub_keys)
     block_m = 16
+    # dC: the selections sorted by the dC row they add to (row = (set * 2 + p) * n + sub-key,
+    # written by the dq kernel), then one program per ROWS rows sums its segment (fixed
+    # order, no atomics)
+    rows = torch.empty((2, m, heads, k), device=e.device, dtype=torch.int32)
     kernels.pk_topk_bwd_query_kernel[(triton.cdiv(m, block_m), heads)](
-        g, e, sub_keys, dq, m, n, heads,
+        g, e, sub_keys, dq, rows, m, n, heads, m * heads * k,
         DK=dk, DH_PAD=dh_pad, PER_HEAD=per_head, K=k, K_PAD=_pow2(k, 2), BLOCK_M=block_m, num_warps=4,
     )
-    # dC: the selections sorted by the dC row they add to (row = (set * 2 + p) * n + sub-key),
-    # then one program per ROWS rows sums its segment (fixed order, no atomics)
-    sub = torch.stack((e // n, e % n))  # [2, M, H, K]
-    half = torch.arange(2, device=e.device).view(2, 1, 1, 1)
-    kset = torch.arange(heads, device=e.device).view(1, 1, heads, 1) if per_head else 0
-    rows = (kset * 2 + half) * n + sub
     num_rows = num_sets * 2 * n
     order, offsets, _ = sorted_segments(rows, num_rows)
     dkeys = torch.empty(sub_keys.shape, device=sub_keys.device, dtype=sub_keys.dtype)
