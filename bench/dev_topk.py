@@ -95,6 +95,18 @@ for T in (4096, 16384):
         + torch.stack((ids // n, ids % n))
     print(f"T={T} sorted_segments of the {rows.numel()} selections: "
           f"{ms(lambda: R.sorted_segments(rows, H * 2 * n)):.4f} ms", flush=True)
+# 64- vs 16-row programs by T (the default picks 64 rows from 2.5 programs per SM)
+for T in (512, 1024, 2048, 3072, 4096):
+    q = torch.randn(T, H, dk, device="cuda", dtype=torch.bfloat16)
+    keys = torch.randn(H, 2, n, dk // 2, device="cuda", dtype=torch.bfloat16)
+    R._fwd_config = base
+    res = [f"default: {ms(lambda: R._launch_fwd(q, keys, k, k)):.4f}"]
+    for bm, bn in ((64, 64), (16, 128)):
+        R._fwd_config = lambda nn, kp, dh=64, up=False, many=True, bm=bm, bn=bn: dict(base(nn, kp, dh, up, many),
+                                                                                      BLOCK_M=bm, BLOCK_N=bn)
+        res.append(f"BM{bm}: {ms(lambda: R._launch_fwd(q, keys, k, k)):.4f}")
+    print(f"T={T} programs(BM64)={-(-T // 64) * H}", *res, flush=True)
+R._fwd_config = base
 # fallback cost: zero keys (all ties) -> every block takes the slow exact path
 T = 4096; q = torch.randn(T, 8, 128, device="cuda", dtype=torch.bfloat16); keys = torch.zeros(8, 2, 1024, 64, device="cuda", dtype=torch.bfloat16)
 print(f"all-ties (fallback path) fwd: {ms(lambda: pk.product_key_topk(q, keys, 16)):.4f} ms", flush=True)

@@ -141,9 +141,8 @@ def _rank_survivors(scr_row_ptr, cnt, W: tl.constexpr, KP: tl.constexpr):
 def _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH: tl.constexpr, BLOCK_N: tl.constexpr,
                 EVEN_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Scores of one tile of BLOCK_N sub-keys: q [BM, DH_PAD] . C[n0:n0+BLOCK_N]^T -> fp32.
-    EVEN_N (n % BLOCK_N == 0) and DH == DH_PAD drop the masks that are all true: a mask
-    that varies along the row of sub-key elements stops the 16-byte vector loads (one
-    2-byte load per element instead: ~40% of the kernel's instructions, bench/NOTES.md)."""
+    EVEN_N (n % BLOCK_N == 0) and DH == DH_PAD drop the masks that are all true (their
+    compares and selects were ~8% of the paper-config kernel's instructions, bench/NOTES.md)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     ptrs = keys_ptr + offs_n[:, None].to(tl.int64) * DH + offs_d[None, :]
     if EVEN_N:
