@@ -57,10 +57,24 @@ def test_forward_several_tiles(k, cand, device):
         assert torch.equal(i, ref.brute_force_topk(q, keys, k)[1])
 
 
+def _survivors(q1, keys1, cfg, kp):
+    """The forward kernel's threshold model for one half: scores >= the kp-th largest group
+    maximum, groups as the kernel folds them (elementwise max over the tiles of BLOCK_N
+    sub-keys, then GROUPS groups of adjacent columns). q1 [M, dh], keys1 [n, dh] -> [M]."""
+    s = q1 @ keys1.T
+    bn, groups = cfg["BLOCK_N"], cfg["GROUPS"]
+    g = s.reshape(s.shape[0], -1, bn).amax(1)
+    gm = g.reshape(s.shape[0], groups, bn // groups).amax(2)
+    return (s >= gm.topk(kp, 1).values[:, -1:]).sum(1)
+
+
 def test_forward_many_survivors(device):
     """Sub-keys in near-copies (groups of 4: 3 copies of a random key and its mirror), so
-    22-42 scores per row pass the threshold: blocks where a row has more than CAP / 2 = 32
-    survivors rank all CAP slots, the others CAP / 2; both must give the exact top k."""
+    that 22-42 scores per row pass the threshold; the rows are picked so that one block of
+    the kernel has a row with more than CAP / 2 = 32 survivors (it ranks all CAP slots) and
+    another has none (it ranks CAP / 2): both must give the exact top k."""
+    from peer_kernels import retrieval as R
+
     g = torch.Generator().manual_seed(0)
     n, dh = 128, 8
     keys = torch.empty(1, 2, n, dh)
@@ -68,17 +82,45 @@ def test_forward_many_survivors(device):
         c = torch.randn(32, dh, generator=g).repeat_interleave(4, 0) * (1 + 1e-3 * torch.randn(n, 1, generator=g))
         c[3::4] *= -1
         keys[0, p] = c
-    q = torch.randn(40, 1, 2 * dh, generator=g)
-    s1 = q[:, 0, :dh] @ keys[0, 0].T
-    gm = s1.reshape(40, 32, 4).amax(2)
-    survivors = (s1 >= gm.topk(16, 1).values[:, -1:]).sum(1)
-    assert survivors.max() > 32 and survivors.min() <= 32  # both paths run
+    pool = torch.randn(20000, 1, 2 * dh, generator=g)
+    probe = pool[:1].to(device)
+    upcast = R._dot_config(probe, keys.to(device))[0]
+    cfg = R._fwd_config(n, 16, dh, upcast, R._many_rows(probe.device, 2 * 64, 1))
+    bm = cfg["BLOCK_M"]
+    surv = _survivors(pool[:, 0, :dh], keys[0, 0], cfg, 16)
+    few = pool[surv <= 32]
+    # a row with > 32 survivors whose best sub-key comes after the 32nd survivor in column
+    # order (the interpreter's slot order; a GPU's atomics hand out slots in any order):
+    # ranking only 32 slots would lose its top expert
+    s1 = pool[:, 0, :dh] @ keys[0, 0].T
+    tau = s1.sort(1, descending=True).values.gather(1, surv[:, None] - 1)
+    late = [r for r in range(len(pool)) if surv[r] > 32 and s1[r].argmax() in (s1[r] >= tau[r]).nonzero()[32:, 0]]
+    assert len(few) >= 2 * bm and late
+    q = torch.cat((few[:bm], pool[late[:1]], few[bm:2 * bm - 1]))  # block 0: all <= 32; block 1: one row > 32
+    blocks = _survivors(q[:, 0, :dh], keys[0, 0], cfg, 16).reshape(2, bm).amax(1)
+    assert blocks[0] <= 32 < blocks[1]  # both ranking widths run
     q, keys = q.to(device), keys.to(device)
     s, i = pk.product_key_topk(q, keys, 16, backend="triton")
     s_ref, i_ref = ref.product_key_topk(q, keys, 16, 16)
     assert torch.equal(i, i_ref)
     assert torch.equal(i, ref.brute_force_topk(q, keys, 16)[1])
     torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_config_64_rows_only_for_large_grids(monkeypatch):
+    """64-row programs only for half-precision products, KP <= 16, Dk/2 <= 64 and at least
+    2.5 programs per SM (a 64-row program has a fixed ~0.2 ms latency on the H200)."""
+    from peer_kernels import retrieval as R
+
+    monkeypatch.setattr(R, "interpreting", lambda: False)
+    monkeypatch.setitem(R._SMS, 0, 132)
+    cuda0 = torch.device("cuda", 0)
+    assert R._many_rows(cuda0, 4096, 8) and R._many_rows(cuda0, 3072, 8)
+    assert not R._many_rows(cuda0, 2048, 8) and not R._many_rows(cuda0, 4096, 2)
+    assert R._fwd_config(1024, 16, 64, False, True)["BLOCK_M"] == 64
+    for args in [(1024, 16, 64, False, False), (1024, 16, 64, True, True), (1024, 32, 64, False, True),
+                 (1024, 16, 128, False, True)]:
+        assert R._fwd_config(*args)["BLOCK_M"] == 16, args
 
 
 def test_ties_keep_the_lowest_ids(device):
