@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 # ids are < n*n <= 2^24; the low word of a packed value is MAX_ID - id (ties -> lower id)
-MAX_ID = tl.constexpr(16777216)
+MAX_ID = 16777216
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def _pack(score, ids, valid):
     bits = score.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
     key = tl.where(valid, key, -2147483648)
-    low = tl.where(valid, MAX_ID - ids, 0)
+    low = tl.where(valid, 16777216 - ids, 0)
     return (key.to(tl.int64) << 32) + low.to(tl.int64)
 
 
@@ -51,7 +51,7 @@ def _unpack(packed):
     key = (packed >> 32).to(tl.int32)
     low = packed - ((packed >> 32) << 32)
     bits = tl.where(key >= 0, key, key ^ 0x7FFFFFFF)
-    return bits.to(tl.float32, bitcast=True), (MAX_ID - low).to(tl.int32)
+    return bits.to(tl.float32, bitcast=True), (16777216 - low).to(tl.int32)
 
 
 # Loops of up to UNROLL_MAX rounds are unrolled (the measured H200 code of the paper
