@@ -1,11 +1,10 @@
-"""Development sweep: block sizes of the backward kernels and a time split of the backward passes.
+"""Development sweep: block sizes of the expert kernels and a time split of the backward passes.
 Prints one line per variant; used to pick the launch configs (see bench/NOTES.md)."""
-import os, sys, torch, triton
+import os, sys, torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from triton.testing import do_bench
 import peer_kernels as pk
 from peer_kernels import retrieval as R
-from peer_kernels.csrc_triton import product_key_topk as K
 from peer_kernels.csrc_triton import peer_experts_fwd as EF, peer_experts_bwd as EB
 
 def ms(f, rep=50):
@@ -15,19 +14,13 @@ torch.manual_seed(0)
 T, H, n, dk, k = 4096, 8, 1024, 128, 16
 q = torch.randn(T, H, dk, device="cuda", dtype=torch.bfloat16)
 keys = torch.randn(H, 2, n, dk // 2, device="cuda", dtype=torch.bfloat16)
-s_ref, i_ref = pk.product_key_topk(q, keys, k, backend="torch")
+_, i_ref = pk.product_key_topk(q, keys, k, backend="torch")
 # forward kernel configs: bench/dev_topk.py
 g = torch.randn(T, H, k, device="cuda")
 print(f"pk bwd total: {ms(lambda: R._launch_bwd(g, q, keys, i_ref)):.4f} ms", flush=True)
-dq = torch.empty_like(q)
-print(f"pk bwd dq kernel: {ms(lambda: K.pk_topk_bwd_query_kernel[(triton.cdiv(T, 16), H)](g, i_ref, keys, dq, T, n, H, DK=dk, DH_PAD=64, PER_HEAD=True, K=k, K_PAD=16, BLOCK_M=16, num_warps=4)):.4f} ms", flush=True)
-subs = torch.stack((i_ref // n, i_ref % n)).to(torch.int32)
-for bm, bn, sp, w in [(32, 64, 2, 4), (64, 64, 2, 4), (32, 128, 4, 8), (64, 32, 2, 4)]:
-    part = torch.empty(sp, H, 2, n, dk // 2, device="cuda")
-    f = lambda: K.pk_topk_bwd_keys_kernel[(triton.cdiv(n, bn), 2 * H, sp)](g, subs, q, part, T, n, H, triton.cdiv(T, sp),
-        DK=dk, DH_PAD=64, PER_HEAD=True, K=k, BLOCK_M=bm, BLOCK_N=bn, PRECISION="tf32", num_warps=w)
-    print(f"pk bwd keys kernel BM={bm} BN={bn} splits={sp} warps={w}: {ms(f):.4f} ms", flush=True)
-
+# the backward kernels' configs (the dq kernel, the segmented dC kernel) are the ones timed
+# by bench/dev_topk.py; the block/split sweep of the old dense dC kernel that was here is gone
+# with that kernel
 D, N = 1024, 1024**2
 x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
 down = torch.randn(N, D, device="cuda", dtype=torch.bfloat16) * D**-0.5
