@@ -93,11 +93,15 @@ def test_long_rows_summed_in_chunks(chunk, device, monkeypatch):
     import peer_kernels.experts as E
 
     monkeypatch.setattr(E, "LONG_ROW_CHUNK", chunk)
-    x, idx, gates, down, up = _inputs((11,), 2, 3, 40, 12, torch.float32, device=device, seed=7)
-    idx[:, 0, :] = 0  # 33 occurrences of row 0
-    idx[:, 1, 0] = 11  # 11 of the last row
+    x, idx, gates, down, up = _inputs((16,), 2, 3, 40, 12, torch.float32, device=device, seed=7)
+    others = torch.tensor([1, 2, 4, 5, 7, 8, 9, 10], device=idx.device)
+    idx[:, 1, 1:] = others[idx[:, 1, 1:] % len(others)]  # the rows below get only their own occurrences
+    idx[:, 0, :] = 0  # 48 occurrences of row 0
+    idx[:, 1, 0] = 11  # 16 of the last row
     idx[:5, 1, 1] = 6  # 5 of a middle row
     idx[5:5 + chunk, 1, 2] = 3  # exactly `chunk` of row 3 (not long)
+    counts = torch.bincount(idx.reshape(-1).cpu(), minlength=12)
+    assert (counts[0], counts[11], counts[6], counts[3]) == (48, 16, 5, chunk)
     torch.manual_seed(0)  # the same dy both times
     _, grads = check_against_reference(x, idx, gates, down, up, "gelu")
     torch.manual_seed(0)
