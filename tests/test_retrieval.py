@@ -143,7 +143,7 @@ def test_nan_in_query_is_not_hidden(device):
     assert ((i >= 0) & (i < 150 * 150)).all()
     ok = torch.ones_like(s, dtype=torch.bool)
     ok[2, 1] = False
-    s_ref, i_ref = ref.product_key_topk(q, keys, 4, 4)
+    _, i_ref = ref.product_key_topk(q, keys, 4, 4)
     assert torch.equal(i[ok], i_ref[ok])
 
 
