@@ -165,14 +165,19 @@ def zipf_ids(shape, num: int, exponent: float, generator: torch.Generator, devic
     return perm[draws].view(shape)
 
 
+def hpd_to_phd(layer: "pk.PEER", t: torch.Tensor) -> torch.Tensor:
+    """Query features of `layer` ordered (head, half, d) -> peer-pytorch's (half, head, d),
+    along dim 0 of t ([(h p d), ...]: W_q rows, query-BatchNorm channels)."""
+    heads, half = layer.heads, layer.dim_key // 2
+    return t.reshape(heads, 2, half, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
 def copy_into_peer_pytorch(layer: "pk.PEER", pp) -> None:
     """Our weights into a peer-pytorch PEER of the same config (the inverse of
     PEER.from_peer_pytorch): W_q rows (h, p, d) -> (p, h, d); sub_keys [h, p, n, d] ->
     keys [h, n, p, d]; down / up tables as they are."""
-    heads, half, dim = layer.heads, layer.dim_key // 2, layer.dim
     with torch.no_grad():
-        w = layer.query_proj.weight.reshape(heads, 2, half, dim).transpose(0, 1).reshape(-1, dim)
-        pp.to_queries[0].weight.copy_(w)
+        pp.to_queries[0].weight.copy_(hpd_to_phd(layer, layer.query_proj.weight))
         pp.keys.copy_(layer.sub_keys.transpose(1, 2))
         pp.weight_down_embed.weight.copy_(layer.down)
         pp.weight_up_embed.weight.copy_(layer.up)

@@ -64,6 +64,7 @@ import triton  # noqa: E402
 
 import peer_kernels as pk  # noqa: E402
 import harness  # noqa: E402  (bench/harness.py: device_slug)
+import cases  # noqa: E402  (bench/cases.py: our weights into peer-pytorch's layer)
 
 BACKENDS = ("triton", "torch", "peer-pytorch")
 VOCAB = 256  # byte tokens
@@ -319,24 +320,16 @@ def to_peer_pytorch(layer: pk.PEER) -> nn.Module:
     if layer.shared_keys or layer.separate_experts_per_head or layer.gate != "softmax" or layer.pre_rmsnorm \
             or layer.activation != "gelu" or layer.query_norm_type != "batch":
         raise ValueError(f"to_peer_pytorch: unsupported config {layer.extra_repr()}")
-    h, half, dim = layer.heads, layer.dim_key // 2, layer.dim
-
-    def hpd_to_phd(t):  # [(h p d), ...] -> [(p h d), ...]
-        return t.reshape(h, 2, half, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
-
     with torch.device("meta"):
-        pp = PeerPytorch(dim, heads=h, num_experts=layer.num_experts, num_experts_per_head=layer.k,
-                         dim_key=half, product_key_topk=layer.candidates, non_competing_scores=False,
+        pp = PeerPytorch(layer.dim, heads=layer.heads, num_experts=layer.num_experts, num_experts_per_head=layer.k,
+                         dim_key=layer.dim_key // 2, product_key_topk=layer.candidates, non_competing_scores=False,
                          activation=nn.GELU, dropout=layer.dropout.p)
     pp = pp.to_empty(device=layer.down.device).to(layer.down.dtype)
-    bn = nn.BatchNorm1d(h * 2 * half, device=layer.down.device, dtype=layer.down.dtype)
+    cases.copy_into_peer_pytorch(layer, pp)
+    bn = nn.BatchNorm1d(layer.heads * layer.dim_key, device=layer.down.device, dtype=layer.down.dtype)
     with torch.no_grad():
-        pp.to_queries[0].weight.copy_(hpd_to_phd(layer.query_proj.weight))
-        pp.keys.copy_(layer.sub_keys.transpose(1, 2))  # [h, 2, n, d] -> [h, n, 2, d]
-        pp.weight_down_embed.weight.copy_(layer.down)
-        pp.weight_up_embed.weight.copy_(layer.up)
         for name in ("weight", "bias", "running_mean", "running_var"):
-            getattr(bn, name).copy_(hpd_to_phd(getattr(layer.query_norm, name)))
+            getattr(bn, name).copy_(cases.hpd_to_phd(layer, getattr(layer.query_norm, name)))
         bn.num_batches_tracked.copy_(layer.query_norm.num_batches_tracked)
     pp.to_queries = nn.Sequential(pp.to_queries[0], TokenBatchNorm(bn), pp.to_queries[1])
     return pp
