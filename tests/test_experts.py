@@ -260,7 +260,7 @@ print("NOT CAUGHT", flush=True)
 """
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="the device-side id check needs CUDA")
+@pytest.mark.gpu  # the device-side id check needs CUDA
 @pytest.mark.parametrize("bad", [10, -1])
 def test_out_of_range_ids_device_assert_gpu(bad):
     """The default validate=True on CUDA: an out-of-range id stops the check kernel with

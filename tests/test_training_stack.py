@@ -43,7 +43,6 @@ from peer_kernels import reference as ref
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "train_distributed.py")
 DIM = 32
-HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
 
 
@@ -566,7 +565,7 @@ def test_distributed_local_batchnorm_fails_the_check_cpu():
 
 
 @gpu
-@pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs on one host (NCCL)")
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs on one host (NCCL)")
 def test_distributed_ddp_fsdp2_two_gpus():
     """2 GPUs, NCCL, Triton kernels, query BatchNorm converted to SyncBatchNorm, the default
     GPU preset (2 blocks, 512^2 experts, dim 1024, batch 8 x 512, 8 heads, k 16): first-step
