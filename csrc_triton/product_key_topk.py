@@ -3,14 +3,17 @@
 Forward (`pk_topk_fwd_kernel`), one program per block of BLOCK_M query rows of one head.
 For each half p of the query, s_p = C_p q_p over tiles of BLOCK_N sub-keys (tl.dot, fp32
 accumulation), in two passes over the tiles (`_half_topk`):
-  A. g = running elementwise max of the tiles, folded into GROUPS disjoint groups; tau =
-     the KP-th largest group maximum (by rounds of row maxima; lower with ties). KP groups
-     hold an element >= tau, so the whole top KP is >= tau: an exact bound, not a guess.
+  A. g = running elementwise max of the tiles (NaN-propagating: a NaN score leaves NaN),
+     folded into GROUPS disjoint groups; tau = the KP-th largest group maximum (by rounds
+     of row maxima; lower with ties). KP groups hold an element >= tau, so the whole top
+     KP is >= tau: an exact bound, not a guess.
   B. the scores again; the few >= tau (~1.3 KP on random data) are appended to a per-row
-     scratch of CAP slots (slots handed out by a per-row atomic counter: cheaper than a
-     cumsum over every tile, and the order of the slots does not change the result) and
-     the top KP of those is taken by KP rounds of row maxima over CAP / 2 values (CAP
-     where a row of the block has more survivors) instead of over all n.
+     scratch of CAP slots as raw score bits << 32 | (MAX_ID - id): in 64-row programs at
+     the slots that tensor-core prefix counts of the 0/1 survivor tiles give
+     (`_survivors_by_prefix`), in 16-row programs at slots from a per-row atomic counter
+     (`_survivors_by_atomics`; the order of the slots does not change the result). The top
+     KP of those is taken by KP rounds of row maxima over CAP / 2 values (CAP where a row
+     of the block has more survivors) instead of over all n.
   A row with more than CAP survivors (ties, adversarial data) or a NaN score sends its
   block to the exact fallback: KP rounds of row maxima per tile (`_half_topk_rounds`).
 Candidates are packed int64 (order-preserving score bits << 32 | MAX_ID - id: ties go
@@ -21,7 +24,7 @@ scores [M, H, K] fp32 (descending) and expert ids [M, H, K] int64. The [M, H, 2,
 score matrix never reaches memory; nothing extra is saved for the backward.
 Speed and what was tried: bench/NOTES.md.
 
-The forward is deterministic: the atomics only pick slots.
+The forward is deterministic: the atomics of 16-row programs only pick slots.
 
 Backward (both deterministic, no atomics):
   `pk_topk_bwd_query_kernel`: dq_p[m] = sum_r g[m, r] * C_p[sub_p(id[m, r])], a gather.
@@ -132,8 +135,11 @@ def _kth_largest_bound(x, KP: tl.constexpr):
 def _rank_survivors(scr_row_ptr, cnt, W: tl.constexpr, KP: tl.constexpr):
     """Top-KP (packed, descending) of the first min(cnt, W) scratch entries of each row."""
     slots = tl.arange(0, W)
-    cand = tl.load(scr_row_ptr[:, None] + slots[None, :], mask=slots[None, :] < cnt[:, None],
-                   other=-9223372036854775808)  # [BLOCK_M, W]
+    used = slots[None, :] < cnt[:, None]
+    raw = tl.load(scr_row_ptr[:, None] + slots[None, :], mask=used, other=0)  # [BLOCK_M, W]: bits << 32 | low
+    bits = (raw >> 32).to(tl.int32)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # order-preserving, as in _pack
+    cand = tl.where(used, (key.to(tl.int64) << 32) | (raw & 0xFFFFFFFF), -9223372036854775808)
     return _top_rounds(cand, KP)
 
 
@@ -166,11 +172,93 @@ def _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH: tl.constexpr, BLOCK_N: t
 
 
 @triton.jit
+def _store_survivors(scr_row_ptr, slot, s, tau, offs_n, CAP: tl.constexpr, NATIVE: tl.constexpr):
+    """scratch[row, slot] = raw score bits << 32 | (MAX_ID - id) where s >= tau[row] and
+    slot < CAP, element by element in the layout of the score tile. On a GPU by inline PTX
+    (compare, address and store per element): a tl.store here gets a coalesced layout of its
+    own (its addresses are data-dependent), and converting the scores, 64-bit addresses and
+    mask to it through shared memory cost more than the rest of pass B (sm_90 SASS)."""
+    lo = 16777216 - offs_n[None, :]
+    if NATIVE:
+        tl.inline_asm_elementwise(
+            """{
+            .reg .pred p, q;
+            .reg .b64 a;
+            .reg .b32 v;
+            setp.ge.f32 p, $3, $4;
+            setp.lt.s32 q, $2, $6;
+            and.pred p, p, q;
+            mad.wide.s32 a, $2, 8, $1;
+            mov.b32 v, $3;
+            @p st.global.v2.b32 [a], {$5, v};
+            mov.b32 $0, 0;
+            }""",
+            "=r,l,r,f,f,r,r",
+            [tl.broadcast_to(scr_row_ptr[:, None], slot.shape).to(tl.int64), slot, s,
+             tl.broadcast_to(tau[:, None], slot.shape), tl.broadcast_to(lo, slot.shape),
+             tl.full(slot.shape, CAP, tl.int32)],
+            dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        raw = (s.to(tl.int32, bitcast=True).to(tl.int64) << 32) | lo.to(tl.int64)
+        tl.store(scr_row_ptr[:, None] + slot, raw, mask=(s >= tau[:, None]) & (slot < CAP))
+
+
+@triton.jit
+def _survivors_by_prefix(q, keys_ptr, scr_row_ptr, tau, n, offs_d, d_mask, DH: tl.constexpr, CAP: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
+                         PRECISION: tl.constexpr, NATIVE: tl.constexpr):
+    """Pass B for 64-row (wgmma) tiles: the scores s >= tau go to their row's scratch in
+    column order; returns the survivors per row (counts past CAP are kept, slots past CAP
+    not). A survivor's slot = survivors of its row in earlier tiles + in earlier columns of
+    this tile, counted by tensor-core products of the 0/1 survivor tile kf (integer-exact in
+    fp32): acc holds the survivors of earlier tiles in every column; + kf @ strict (c' < c:
+    the exclusive prefix count along the row) gives the slots; + kf @ (1 - strict) (c' >= c)
+    adds the rest of the row's count, so acc = survivors so far again, without a copy.
+    No atomics and no scans (H200, T = 4096, with the NaN-propagating pass A: 0.28 -> 0.19
+    ms kernel; bench/NOTES.md)."""
+    cols = tl.arange(0, BLOCK_N)
+    if NATIVE:  # fp16 tensor cores (0/1: exact); the interpreter's half dots are unreliable
+        strict = (cols[:, None] < cols[None, :]).to(tl.float16)  # [BLOCK_N, BLOCK_N]
+    else:
+        strict = (cols[:, None] < cols[None, :]).to(tl.float32)
+    rest = 1.0 - strict
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for n0 in range(0, n, BLOCK_N):
+        s, offs_n, n_mask = _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH, BLOCK_N, EVEN_N, UPCAST, PRECISION)
+        if not EVEN_N:
+            s = tl.where(n_mask[None, :], s, float("-inf"))
+        kf = (s >= tau[:, None]).to(strict.dtype)
+        acc = tl.dot(kf, strict, acc=acc, input_precision="ieee")
+        _store_survivors(scr_row_ptr, acc.to(tl.int32), s, tau, offs_n, CAP, NATIVE)
+        acc = tl.dot(kf, rest, acc=acc, input_precision="ieee")
+    return tl.max(acc, axis=1).to(tl.int32)
+
+
+@triton.jit
+def _survivors_by_atomics(q, keys_ptr, scr_row_ptr, cnt_row_ptr, tau, n, offs_d, d_mask, DH: tl.constexpr,
+                          CAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+                          UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Pass B for 16-row tiles (mma.sync, where the 0/1 products of _survivors_by_prefix
+    doubled the kernel time: a row's 128 columns span the 4 warps): each survivor takes the
+    slot its row's int32 counter (cnt_row_ptr, zero on entry) hands out; the slot order
+    varies run to run, which the ranking does not see (packed values are unique). Returns
+    the survivors per row (counts past CAP are kept, slots past CAP not)."""
+    for n0 in range(0, n, BLOCK_N):
+        s, offs_n, n_mask = _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH, BLOCK_N, EVEN_N, UPCAST, PRECISION)
+        keep = (s >= tau[:, None]) & n_mask[None, :]
+        pos = tl.atomic_add(tl.broadcast_to(cnt_row_ptr[:, None], (BLOCK_M, BLOCK_N)), 1, mask=keep, sem="relaxed")
+        raw = (s.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (16777216 - offs_n[None, :]).to(tl.int64)
+        tl.store(scr_row_ptr[:, None] + pos, raw, mask=keep & (pos < CAP))
+    tl.debug_barrier()
+    return tl.atomic_add(cnt_row_ptr, 0, sem="relaxed")
+
+
+@triton.jit
 def _half_topk(
     q_row_ptr, keys_ptr, scr_row_ptr, cnt_row_ptr, offs_m, m_mask, n,
     DH: tl.constexpr, DH_PAD: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, CAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, PREFIX_SLOTS: tl.constexpr, NATIVE: tl.constexpr,
 ):
     """Top-KP (packed, descending) of s = C q over all n sub-keys of one half.
 
@@ -179,8 +267,9 @@ def _half_topk(
     tau = the KP-th largest group maximum: KP distinct groups hold an element >= tau, so
     every element of the top KP is >= tau (exact, not a heuristic).
     Pass B: the same scores again; the few elements >= tau (~1.3 KP on random data) are
-    appended to scratch (scr_row_ptr, CAP slots per row; cnt_row_ptr: the row's int32
-    counter, zero on entry) and ranked there.
+    written to scratch (scr_row_ptr, CAP slots per row; cnt_row_ptr: the row's int32
+    counter, used by 16-row programs) by `_survivors_by_prefix` (64 rows) or
+    `_survivors_by_atomics` (16 rows), and ranked there.
     If a row has more than CAP survivors (ties, adversarial data) or a NaN score, the
     block falls back to KP rounds of row maxima per tile (slow, exact)."""
     offs_d = tl.arange(0, DH_PAD)
@@ -188,25 +277,23 @@ def _half_topk(
     q = tl.load(q_row_ptr[:, None] + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    # pass A: group maxima and a NaN flag
+    # pass A: group maxima; the NaN-propagating max leaves NaN in g where a score was NaN
     g = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)  # [BLOCK_M, BLOCK_N]
-    nan = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
     for n0 in range(0, n, BLOCK_N):
         s, offs_n, n_mask = _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH, BLOCK_N, EVEN_N, UPCAST, PRECISION)
-        g = tl.maximum(g, tl.where(n_mask[None, :], s, float("-inf")))
-        nan = tl.maximum(nan, (s != s).to(tl.int32))
+        g = tl.maximum(g, tl.where(n_mask[None, :], s, float("-inf")), propagate_nan=tl.PropagateNan.ALL)
+    nan = tl.max((g != g).to(tl.int32), axis=1)  # [BLOCK_M]
     gm = tl.max(tl.reshape(g, (BLOCK_M, GROUPS, BLOCK_N // GROUPS)), axis=2)  # [BLOCK_M, GROUPS]
     tau = _kth_largest_bound(gm, KP)  # [BLOCK_M]
-    # pass B: append the survivors s >= tau to their row's scratch, each at the slot a per-row
-    # atomic counter hands out (slot order varies run to run; the ranking below does not
-    # depend on it: packed values are unique); counts past CAP are kept, slots past CAP not
-    for n0 in range(0, n, BLOCK_N):
-        s, offs_n, n_mask = _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH, BLOCK_N, EVEN_N, UPCAST, PRECISION)
-        keep = (s >= tau[:, None]) & n_mask[None, :] & m_mask[:, None]
-        pos = tl.atomic_add(tl.broadcast_to(cnt_row_ptr[:, None], (BLOCK_M, BLOCK_N)), 1, mask=keep, sem="relaxed")
-        tl.store(scr_row_ptr[:, None] + pos, _pack(s, offs_n[None, :], True), mask=keep & (pos < CAP))
+    # pass B: the survivors s >= tau, appended to their row's scratch
+    tau_m = tl.where(m_mask, tau, float("inf"))  # rows past M keep nothing (their s is 0 or NaN)
+    if PREFIX_SLOTS:
+        cnt = _survivors_by_prefix(q, keys_ptr, scr_row_ptr, tau_m, n, offs_d, d_mask, DH, CAP, BLOCK_M, BLOCK_N,
+                                   EVEN_N, UPCAST, PRECISION, NATIVE)
+    else:
+        cnt = _survivors_by_atomics(q, keys_ptr, scr_row_ptr, cnt_row_ptr, tau_m, n, offs_d, d_mask, DH, CAP,
+                                    BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION)
     tl.debug_barrier()
-    cnt = tl.atomic_add(cnt_row_ptr, 0, sem="relaxed")  # [BLOCK_M] survivors per row
     # rank the survivors: over CAP // 2 slots when every row has that few (most blocks)
     if tl.max(tl.where(m_mask, cnt, 0), axis=0) <= CAP // 2:
         best = _rank_survivors(scr_row_ptr, cnt, CAP // 2, KP)  # [BLOCK_M, KP]
@@ -214,7 +301,7 @@ def _half_topk(
         best = _rank_survivors(scr_row_ptr, cnt, CAP, KP)
     tl.debug_barrier()  # the other half and the pairs reuse the scratch
     need = tl.minimum(n, KP)
-    bad = tl.where(m_mask, (cnt > CAP) | (cnt < need), False) | (tl.max(nan, axis=1) > 0)
+    bad = tl.where(m_mask, (cnt > CAP) | (cnt < need), False) | (nan > 0)
     if tl.max(bad.to(tl.int32), axis=0) > 0:
         best = _half_topk_rounds(q, keys_ptr, n, offs_d, d_mask, DH, KP, BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION)
     return best
@@ -239,7 +326,7 @@ def pk_topk_fwd_kernel(
     K: tl.constexpr, K_PAD: tl.constexpr, CAND: tl.constexpr, KP: tl.constexpr, PAIRS_PAD: tl.constexpr,
     GROUPS: tl.constexpr, CAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, PREFIX_SLOTS: tl.constexpr, NATIVE: tl.constexpr,
 ):
     DH: tl.constexpr = DK // 2
     pid_m = tl.program_id(0)
@@ -250,17 +337,18 @@ def pk_topk_fwd_kernel(
     q_row_ptr = q_ptr + row * DK
     scr_row_ptr = scratch_ptr + (pid_m.to(tl.int64) * H + h) * (BLOCK_M * (CAP + 2)) + tl.arange(0, BLOCK_M) * (CAP + 2)
     cnt_row_ptr = (scr_row_ptr + CAP).to(tl.pointer_type(tl.int32), bitcast=True)  # survivor counters of the 2 halves
-    tl.store(cnt_row_ptr, 0)
-    tl.store(cnt_row_ptr + 1, 0)
-    tl.debug_barrier()
+    if not PREFIX_SLOTS:
+        tl.store(cnt_row_ptr, 0)
+        tl.store(cnt_row_ptr + 1, 0)
+        tl.debug_barrier()
     if PER_HEAD:
         kbase = keys_ptr + h.to(tl.int64) * (2 * n * DH)
     else:
         kbase = keys_ptr
     best1 = _half_topk(q_row_ptr, kbase, scr_row_ptr, cnt_row_ptr, offs_m, m_mask, n, DH, DH_PAD, KP, GROUPS, CAP,
-                       BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION)
+                       BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION, PREFIX_SLOTS, NATIVE)
     best2 = _half_topk(q_row_ptr + DH, kbase + n * DH, scr_row_ptr, cnt_row_ptr + 1, offs_m, m_mask, n, DH, DH_PAD, KP,
-                       GROUPS, CAP, BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION)
+                       GROUPS, CAP, BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION, PREFIX_SLOTS, NATIVE)
     # pair stage: pair (a, b) of the sorted candidates is dominated by (a+1)(b+1)-1 others,
     # so only pairs with (a+1)(b+1) <= K can reach the top K: per_a[a] = min(CAND, K // (a+1))
     # of them for each a < CAND, PAIRS in all (50 of the 256 at K = CAND = 16). Pair p is
