@@ -225,8 +225,8 @@ def _survivors_by_prefix(q, keys_ptr, scr_row_ptr, tau, n, offs_d, d_mask, DH: t
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for n0 in range(0, n, BLOCK_N):
         s, offs_n, n_mask = _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH, BLOCK_N, EVEN_N, UPCAST, PRECISION)
-        if not EVEN_N:
-            s = tl.where(n_mask[None, :], s, float("-inf"))
+        if not EVEN_N:  # NaN is never >= tau, also where tau is -inf (n < KP)
+            s = tl.where(n_mask[None, :], s, float("nan"))
         kf = (s >= tau[:, None]).to(strict.dtype)
         acc = tl.dot(kf, strict, acc=acc, input_precision="ieee")
         _store_survivors(scr_row_ptr, acc.to(tl.int32), s, tau, offs_n, CAP, NATIVE)

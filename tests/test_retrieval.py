@@ -41,6 +41,9 @@ CASES = [
     ((63,), 1, 64, 32, 8, 12),
     ((2, 5), 2, 33, 16, 1, 3),
     ((3,), 2, 24, 16, 9, 3),  # k = candidates^2
+    # n = candidates = 5 < KP = 8: fewer groups hold a score than KP, so the threshold is
+    # -inf and the padding columns of the tile must be left out by their mask alone
+    ((4,), 2, 5, 16, 3, 5),
     # n = 300: several tiles of sub-keys, the last one partial, so the threshold pass and the
     # survivor slots run across tiles (k = 64: 64 groups and 128 scratch slots per row)
     ((5,), 2, 300, 16, 16, 16),
@@ -333,6 +336,23 @@ def test_gpu_paper_config(shared):
     s_ref, i_ref = ref.product_key_topk(q, keys, 64, 64)
     assert torch.equal(i, i_ref)
     torch.testing.assert_close(s, s_ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,cand", [(1000, 16, 16), (5, 3, 5)])
+def test_gpu_64_row_programs_partial_tile(n, k, cand):
+    """bf16 at T = 4096, H = 8 runs 64-row programs (survivor slots by tensor-core prefix
+    counts) with n not a multiple of their 64-sub-key tiles; n = 5 < KP = 8 also makes the
+    threshold -inf, so the tile's padding columns are left out by their mask alone."""
+    from peer_kernels import retrieval as R
+
+    q, keys = _inputs((4096,), 8, n, 128, False, torch.bfloat16, torch.bfloat16, "cuda", seed=10)
+    many = R._many_rows(q.device, 4096, 8)
+    assert R._fwd_config(n, R._pow2(cand, 2), 64, False, many)["BLOCK_M"] == 64
+    s, i = pk.product_key_topk(q, keys, k, candidates=cand)
+    s_ref, i_ref = ref.product_key_topk(q, keys, k, cand)
+    assert_topk_match(s, i, s_ref, i_ref, tol=1e-3)
+    assert (i == i_ref).float().mean() > 0.999
 
 
 def test_reference_keeps_fp32_under_autocast():
