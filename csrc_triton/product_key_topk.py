@@ -40,11 +40,23 @@ MAX_ID = 16777216
 
 
 @triton.jit
+def _order_key(bits):
+    """fp32 bits (as int32) <-> int32 whose signed order is the float order (its own
+    inverse): negative floats have their magnitude bits flipped."""
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _raw(score, ids):
+    """A survivor as stored in scratch by pass B: raw score bits << 32 | (MAX_ID - id);
+    _rank_survivors applies _order_key to the few it loads."""
+    return (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (16777216 - ids).to(tl.int64)
+
+
+@triton.jit
 def _pack(score, ids, valid):
     """fp32 score + int id -> int64 whose order is (score, -id); invalid -> minimum."""
-    bits = score.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    key = tl.where(valid, key, -2147483648)
+    key = tl.where(valid, _order_key(score.to(tl.int32, bitcast=True)), -2147483648)
     low = tl.where(valid, 16777216 - ids, 0)
     return (key.to(tl.int64) << 32) + low.to(tl.int64)
 
@@ -53,8 +65,7 @@ def _pack(score, ids, valid):
 def _unpack(packed):
     key = (packed >> 32).to(tl.int32)
     low = packed - ((packed >> 32) << 32)
-    bits = tl.where(key >= 0, key, key ^ 0x7FFFFFFF)
-    return bits.to(tl.float32, bitcast=True), (16777216 - low).to(tl.int32)
+    return _order_key(key).to(tl.float32, bitcast=True), (16777216 - low).to(tl.int32)
 
 
 # Loops of up to UNROLL_MAX rounds are unrolled (the measured H200 code of the paper
@@ -137,8 +148,7 @@ def _rank_survivors(scr_row_ptr, cnt, W: tl.constexpr, KP: tl.constexpr):
     slots = tl.arange(0, W)
     used = slots[None, :] < cnt[:, None]
     raw = tl.load(scr_row_ptr[:, None] + slots[None, :], mask=used, other=0)  # [BLOCK_M, W]: bits << 32 | low
-    bits = (raw >> 32).to(tl.int32)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # order-preserving, as in _pack
+    key = _order_key((raw >> 32).to(tl.int32))  # the packed form, as in _pack
     cand = tl.where(used, (key.to(tl.int64) << 32) | (raw & 0xFFFFFFFF), -9223372036854775808)
     return _top_rounds(cand, KP)
 
@@ -178,8 +188,7 @@ def _store_survivors(scr_row_ptr, slot, s, tau, offs_n, CAP: tl.constexpr, NATIV
     (compare, address and store per element): a tl.store here gets a coalesced layout of its
     own (its addresses are data-dependent), and converting the scores, 64-bit addresses and
     mask to it through shared memory cost more than the rest of pass B (sm_90 SASS)."""
-    lo = 16777216 - offs_n[None, :]
-    if NATIVE:
+    if NATIVE:  # the two words of _raw: {MAX_ID - id, score bits}
         tl.inline_asm_elementwise(
             """{
             .reg .pred p, q;
@@ -195,12 +204,11 @@ def _store_survivors(scr_row_ptr, slot, s, tau, offs_n, CAP: tl.constexpr, NATIV
             }""",
             "=r,l,r,f,f,r,r",
             [tl.broadcast_to(scr_row_ptr[:, None], slot.shape).to(tl.int64), slot, s,
-             tl.broadcast_to(tau[:, None], slot.shape), tl.broadcast_to(lo, slot.shape),
+             tl.broadcast_to(tau[:, None], slot.shape), tl.broadcast_to(16777216 - offs_n[None, :], slot.shape),
              tl.full(slot.shape, CAP, tl.int32)],
             dtype=tl.int32, is_pure=False, pack=1)
     else:
-        raw = (s.to(tl.int32, bitcast=True).to(tl.int64) << 32) | lo.to(tl.int64)
-        tl.store(scr_row_ptr[:, None] + slot, raw, mask=(s >= tau[:, None]) & (slot < CAP))
+        tl.store(scr_row_ptr[:, None] + slot, _raw(s, offs_n[None, :]), mask=(s >= tau[:, None]) & (slot < CAP))
 
 
 @triton.jit
@@ -247,8 +255,7 @@ def _survivors_by_atomics(q, keys_ptr, scr_row_ptr, cnt_row_ptr, tau, n, offs_d,
         s, offs_n, n_mask = _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH, BLOCK_N, EVEN_N, UPCAST, PRECISION)
         keep = (s >= tau[:, None]) & n_mask[None, :]
         pos = tl.atomic_add(tl.broadcast_to(cnt_row_ptr[:, None], (BLOCK_M, BLOCK_N)), 1, mask=keep, sem="relaxed")
-        raw = (s.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (16777216 - offs_n[None, :]).to(tl.int64)
-        tl.store(scr_row_ptr[:, None] + pos, raw, mask=keep & (pos < CAP))
+        tl.store(scr_row_ptr[:, None] + pos, _raw(s, offs_n[None, :]), mask=keep & (pos < CAP))
     tl.debug_barrier()
     return tl.atomic_add(cnt_row_ptr, 0, sem="relaxed")
 
