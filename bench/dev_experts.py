@@ -1,6 +1,7 @@
 """Development: where the time of peer_experts forward + backward goes (torch.profiler),
-and the tables-kernel configs; see bench/NOTES.md (an unrolled-rows variant of the tables
-kernel measured 1.40-1.48 ms there and was dropped)."""
+the sort and the tables kernel alone (at the launcher's config), and skewed (Zipf) ids;
+see bench/NOTES.md (an unrolled-rows variant of the tables kernel measured 1.40-1.48 ms
+there and was dropped)."""
 import os, sys, torch, triton
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from triton.testing import do_bench
@@ -34,14 +35,15 @@ if os.environ.get("PROFILE"):
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60), flush=True)
     prof.export_chrome_trace(os.path.join(os.environ.get("OUT", "/tmp"), "experts_trace.json"))
-# tables kernel configs
-flat = idx.reshape(T, H * k)
-order, offsets, sorted_ids = sorted_segments(flat, N)
-print(f"sort + csr offsets: {do_bench(lambda: sorted_segments(flat, N), rep=50, return_mode='median'):.4f} ms", flush=True)
+# the sort and the tables kernel alone, at the launcher's config
+order, offsets, _ = sorted_segments(idx, N)
+print(f"sort + csr offsets: {do_bench(lambda: sorted_segments(idx, N), rep=50, return_mode='median'):.4f} ms", flush=True)
 xs = x.detach(); dh = torch.randn(T, H * k, device="cuda"); coef = torch.randn_like(dh)
 ddown = torch.empty_like(down); dup = torch.empty_like(up)
-f = lambda: EB.peer_experts_bwd_tables_kernel[(triton.cdiv(N, 16),)](order, offsets, xs, dy, dh, coef,
-    ddown, dup, N, D=D, D_PAD=1024, HK=H * k, ROWS=16, BLOCK_J=2, CHUNK=E.LONG_ROW_CHUNK, num_warps=4)
+d_pad, _, warps = E._tile_config(D)
+f = lambda: EB.peer_experts_bwd_tables_kernel[(triton.cdiv(N, E.TABLES_ROWS),)](
+    order, offsets, xs, dy, dh, coef, ddown, dup, N, D=D, D_PAD=d_pad, HK=H * k, ROWS=E.TABLES_ROWS,
+    BLOCK_J=E.TABLES_BLOCK_J, CHUNK=E.LONG_ROW_CHUNK, num_warps=warps)
 t = do_bench(f, rep=30, return_mode="median")
 print(f"tables kernel (uniform ids): {t:.4f} ms {2 * N * D * 2 / (t * 1e-3) / 1e9:.0f} GB/s written", flush=True)
 print(f"zero_ of both tables: {do_bench(lambda: (ddown.zero_(), dup.zero_()), rep=30, return_mode='median'):.4f} ms", flush=True)

@@ -8,9 +8,12 @@ When the host time is above the graph time the eager step is host-bound.
 PACKAGE_PARENT: the folder holding the peer_kernels (and csrc_triton) to measure, e.g. an
 older checkout for an A/B on the same host (default: this checkout). PROFILE=1 adds a
 torch.profiler table of the kernels of 5 steps at T = 4096. GPU only; bench/NOTES.md."""
-import os, sys, time, torch
-sys.path.insert(0, sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import os, sys, torch
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, ".."))
+sys.path.insert(1, HERE)
 from triton.testing import do_bench
+import harness  # noqa: E402  (bench/harness.py)
 import peer_kernels as pk
 
 tag = sys.argv[2] if len(sys.argv) > 2 else "this checkout"
@@ -50,13 +53,7 @@ for T in (4096, 1024):
     out = {}
     for name, f in (("fwd", fwd), ("fwd+bwd", step)):
         out[name] = do_bench(f, warmup=5, rep=200, return_mode="median")
-        f()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(20):
-            f()
-        out[name + " cpu"] = (time.perf_counter() - t0) / 20 * 1e3
-        torch.cuda.synchronize()
+        out[name + " cpu"] = harness.host_ms(f)
         g = graphed(f)
         out[name + " graph"] = do_bench(g.replay, warmup=5, rep=200, return_mode="median")
         del g

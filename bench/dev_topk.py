@@ -1,12 +1,16 @@
 """Development: the retrieval forward kernel at the paper config (T=4096, H=8, n=1024,
 Dk=128, k=16, bf16): launch configs, the time split (scores vs selection) and the
 fallback path; see bench/NOTES.md. GPU only."""
-import os, sys, time, torch, triton
+import os, sys, torch, triton
 import triton.language as tl
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(1, HERE)
 from triton.testing import do_bench
+import harness  # noqa: E402  (bench/harness.py)
 import peer_kernels as pk
 from peer_kernels import retrieval as R
+from peer_kernels.segments import sorted_segments
 from peer_kernels.csrc_triton.product_key_topk import _score_tile
 
 
@@ -37,16 +41,13 @@ def ms(f, rep=100):
     return do_bench(f, warmup=10, rep=rep, return_mode="median")
 
 
-def cpu_us(f, n=50):
-    """Host time per call when the GPU is not waited for (launch overhead, if the GPU keeps up)."""
-    f()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        f()
-    dt = (time.perf_counter() - t0) / n
-    torch.cuda.synchronize()
-    return dt * 1e6
+def cpu_us(f):
+    return harness.host_ms(f, 50) * 1e3
+
+
+def with_config(**over):
+    """_fwd_config with some entries replaced (the dev variants)."""
+    return lambda *args, **kw: dict(base(*args, **kw), **over)
 
 
 torch.manual_seed(0)
@@ -62,10 +63,7 @@ for T in (4096, 16384):
     variants = [("default", {}), ("16 rows", {"BLOCK_M": 16, "BLOCK_N": 128}), ("BN 128", {"BLOCK_N": 128}),
                 ("maxnreg 168", {"maxnreg": 168})] if T == 4096 else [("default", {})]
     for name, over in variants:
-        def cfg(nn, kp, dh=64, upcast=False, many=True, over=over):
-            c = dict(base(nn, kp, dh, upcast, many), **over)
-            return {a: b for a, b in c.items() if b is not None}
-        R._fwd_config = cfg
+        R._fwd_config = with_config(**over)
         try:
             s, i = R._launch_fwd(q, keys, k, k)
             ok = (i == i_ref).float().mean().item(); err = (s - s_ref).abs().max().item()
@@ -91,10 +89,19 @@ for T in (4096, 16384):
     gs = torch.randn_like(s)
     print(f"T={T} backward launcher (dq kernel + sort + dC kernel): {ms(lambda: R._launch_bwd(gs, q, keys, ids)):.4f} ms, "
           f"CPU {cpu_us(lambda: R._launch_bwd(gs, q, keys, ids)):.0f} us", flush=True)
-    rows = (torch.arange(H, device="cuda").view(1, 1, H, 1) * 2 + torch.arange(2, device="cuda").view(2, 1, 1, 1)) * n \
-        + torch.stack((ids // n, ids % n))
+    rows = ((torch.arange(H, device="cuda").view(1, 1, H, 1) * 2 + torch.arange(2, device="cuda").view(2, 1, 1, 1)) * n
+            + torch.stack((ids // n, ids % n))).to(torch.int32)  # as the dq kernel writes them
     print(f"T={T} sorted_segments of the {rows.numel()} selections: "
-          f"{ms(lambda: R.sorted_segments(rows, H * 2 * n)):.4f} ms", flush=True)
+          f"{ms(lambda: sorted_segments(rows, H * 2 * n)):.4f} ms", flush=True)
+    if T == 4096:
+        dk2 = torch.zeros(2, H * n, dk // 2, device="cuda")
+        def torch_dkeys():
+            dk2.zero_()
+            for p, sub in ((0, ids // n), (1, ids % n)):
+                contrib = gs[..., None] * q[..., p * dk // 2:(p + 1) * dk // 2].float()[:, :, None, :]
+                dk2[p].index_add_(0, (torch.arange(H, device="cuda")[None, :, None] * n + sub).reshape(-1),
+                                  contrib.reshape(-1, dk // 2))
+        print(f"T={T} sub-key grads by torch index_add_ (atomics, for comparison): {ms(torch_dkeys):.4f} ms", flush=True)
 # 64- vs 16-row programs by T (the default picks 64 rows from 2.5 programs per SM)
 for T in (512, 1024, 2048, 3072, 4096):
     q = torch.randn(T, H, dk, device="cuda", dtype=torch.bfloat16)
@@ -102,8 +109,7 @@ for T in (512, 1024, 2048, 3072, 4096):
     R._fwd_config = base
     res = [f"default: {ms(lambda: R._launch_fwd(q, keys, k, k)):.4f}"]
     for bm, bn in ((64, 64), (16, 128)):
-        R._fwd_config = lambda nn, kp, dh=64, up=False, many=True, bm=bm, bn=bn: dict(base(nn, kp, dh, up, many),
-                                                                                      BLOCK_M=bm, BLOCK_N=bn)
+        R._fwd_config = with_config(BLOCK_M=bm, BLOCK_N=bn)
         res.append(f"BM{bm}: {ms(lambda: R._launch_fwd(q, keys, k, k)):.4f}")
     print(f"T={T} programs(BM64)={-(-T // 64) * H}", *res, flush=True)
 R._fwd_config = base

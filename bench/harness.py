@@ -84,6 +84,21 @@ def time_ms(fn, device: str, *, rep_ms: float = 100.0, min_samples: int = 8) -> 
     return dict(ms=med, p20=p20, p80=p80, samples=len(times))
 
 
+def host_ms(fn, n: int = 20) -> float:
+    """Host time per call (ms) when the GPU is not waited for between calls: the launch
+    overhead, wherever the GPU keeps up (dev scripts compare it with the GPU time)."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = (time.perf_counter() - t0) / n
+    torch.cuda.synchronize()
+    return dt * 1e3
+
+
 def peak_extra_bytes(fn, device: str, clear=None, grad_bytes: int = 0) -> int | None:
     """Peak bytes allocated during fn() beyond the allocation before it, less grad_bytes
     (the gradients fn creates). `clear` runs first (drops old gradients). CUDA only."""

@@ -31,6 +31,9 @@ VALIDATE_MODES = ("off", "sync", "async")
 # a table row selected more than this many times (a hot expert) is summed by several programs
 # (CHUNK occurrences each, partials added in a fixed order) instead of one
 LONG_ROW_CHUNK = 512
+# tables kernel: rows of a gradient table per program, occurrences per step (H200 sweep in
+# bench/dev_experts.py: 16 rows x 2 occurrences 1.42 ms, 4 x 4 1.45 ms)
+TABLES_ROWS, TABLES_BLOCK_J = 16, 2
 
 
 def _validate_mode(validate, device: torch.device) -> str:
@@ -161,10 +164,9 @@ def _launch_bwd(dy, x, idx, gates, down, up, pre, activation, mode):
             )
 
     def other_rows():
-        rows = 16  # sweep (bench/dev_experts.py): 16 rows x 2 occurrences 1.42 ms, 4 x 4 1.45 ms
-        peer_experts_bwd_tables_kernel[(triton.cdiv(n_rows, rows),)](
+        peer_experts_bwd_tables_kernel[(triton.cdiv(n_rows, TABLES_ROWS),)](
             order, offsets, x, dy, dh, coef, ddown, dup, n_rows,
-            D=d, D_PAD=d_pad, HK=hk, ROWS=rows, BLOCK_J=2, CHUNK=chunk, num_warps=warps,
+            D=d, D_PAD=d_pad, HK=hk, ROWS=TABLES_ROWS, BLOCK_J=TABLES_BLOCK_J, CHUNK=chunk, num_warps=warps,
         )
 
     _beside(x.device, long_rows, other_rows)
