@@ -184,14 +184,17 @@ def copy_into_peer_pytorch(layer: "pk.PEER", pp) -> None:
 
 
 def build_peer_pytorch(layer: "pk.PEER", device, dtype):
-    """peer-pytorch's PEER with the layer's config (softmax gates, no query norm: it has
-    none) and its weights, or None when peer-pytorch is not installed."""
+    """peer-pytorch's PEER with the layer's config (softmax gates, GELU, its dropout; no
+    query norm: it has none) and its weights, or None when peer-pytorch is not installed.
+    Built on the meta device: every parameter is then copied from the layer, so the
+    random init of its two N x D tables would be wasted."""
     if PeerPytorch is None:
         return None
-    with torch.device(device):
+    with torch.device("meta"):
         pp = PeerPytorch(layer.dim, heads=layer.heads, num_experts=layer.num_experts, num_experts_per_head=layer.k,
-                         dim_key=layer.dim_key // 2, product_key_topk=layer.candidates, non_competing_scores=False)
-    pp = pp.to(dtype)
+                         dim_key=layer.dim_key // 2, product_key_topk=layer.candidates, non_competing_scores=False,
+                         activation=torch.nn.GELU, dropout=layer.dropout.p)
+    pp = pp.to_empty(device=device).to(dtype)
     copy_into_peer_pytorch(layer, pp)
     return pp
 

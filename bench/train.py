@@ -315,17 +315,12 @@ def to_peer_pytorch(layer: pk.PEER) -> nn.Module:
     of PEER.from_peer_pytorch) and its query BatchNorm inserted after the projection.
     Its query features are ordered (p, h, d), ours (h, p, d): rows and BN channels are
     permuted accordingly; its dim_key is one half of ours."""
-    from PEER_pytorch import PEER as PeerPytorch
-
     if layer.shared_keys or layer.separate_experts_per_head or layer.gate != "softmax" or layer.pre_rmsnorm \
             or layer.activation != "gelu" or layer.query_norm_type != "batch":
         raise ValueError(f"to_peer_pytorch: unsupported config {layer.extra_repr()}")
-    with torch.device("meta"):
-        pp = PeerPytorch(layer.dim, heads=layer.heads, num_experts=layer.num_experts, num_experts_per_head=layer.k,
-                         dim_key=layer.dim_key // 2, product_key_topk=layer.candidates, non_competing_scores=False,
-                         activation=nn.GELU, dropout=layer.dropout.p)
-    pp = pp.to_empty(device=layer.down.device).to(layer.down.dtype)
-    cases.copy_into_peer_pytorch(layer, pp)
+    pp = cases.build_peer_pytorch(layer, layer.down.device, layer.down.dtype)
+    if pp is None:
+        raise ImportError("to_peer_pytorch: peer-pytorch (PEER_pytorch) is not installed")
     bn = nn.BatchNorm1d(layer.heads * layer.dim_key, device=layer.down.device, dtype=layer.down.dtype)
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean", "running_var"):
