@@ -134,6 +134,12 @@ def test_failing_row_is_recorded_and_the_suite_goes_on(monkeypatch):
     assert "ERROR: OutOfMemoryError" in "\n".join(harness.format_rows(rows, ()))
 
 
+def test_peer_pytorch_row_skipped_without_peer_pytorch(monkeypatch):
+    monkeypatch.setattr(cases, "PeerPytorch", None)
+    layer = pk.PEER(16, num_experts=16, heads=2, k=3, dim_key=8, query_norm=None, backend="torch")
+    assert cases.build_peer_pytorch(layer, "cpu", torch.float32) is None
+
+
 def test_peer_pytorch_row_gets_our_weights():
     pytest.importorskip("PEER_pytorch", reason="peer-pytorch (the test extra) is not installed")
     torch.manual_seed(0)

@@ -111,9 +111,10 @@ def test_long_rows_summed_in_chunks(chunk, device, monkeypatch):
 
 
 @pytest.mark.parametrize("ids", ["uniform", "one_row", "first_and_last", "empty"])
-def test_sorted_slots_csr(ids, device):
-    """The backward's sort: stable order of the slots by id and CSR row starts, against
-    argsort + bincount, for spread, all-equal, extreme and empty ids."""
+def test_sorted_segments_csr(ids, device):
+    """sorted_segments (the sort of both backwards: expert tables and sub-keys): stable
+    order of the slots by id, the sorted ids and the CSR row starts, against argsort +
+    bincount, for spread, all-equal, extreme and empty ids."""
     from peer_kernels.segments import sorted_segments
 
     n = 50
@@ -222,7 +223,7 @@ def test_compile_fullgraph_and_opcheck(device):
 @pytest.mark.parametrize("validate", ["sync", True, "async"])
 def test_out_of_range_ids_raise(device, validate):
     """validate="sync" raises IndexError everywhere; the default (True) and "async" are
-    the same on the CPU (the device assert of CUDA: test_out_of_range_ids_device_assert)."""
+    the same on the CPU (the device assert of CUDA: test_out_of_range_ids_device_assert_gpu)."""
     if device == "cuda" and validate != "sync":
         pytest.skip("on CUDA validate=True/'async' is a device assert: test_out_of_range_ids_device_assert_gpu")
     x, idx, gates, down, up = _inputs((3,), 2, 2, 16, 10, torch.float32, device=device)
@@ -234,10 +235,8 @@ def test_out_of_range_ids_raise(device, validate):
                 pk.peer_experts(x, idx2, gates, down, up, backend=backend, validate=validate)
 
 
-def test_validate_argument():
+def test_validate_false_skips_our_check():
     x, idx, gates, down, up = _inputs((3,), 2, 2, 16, 10, torch.float32)
-    with pytest.raises(ValueError, match="validate must be"):
-        pk.peer_experts(x, idx, gates, down, up, backend="torch", validate="yes")
     idx[0, 0, 0] = 10  # validate=False: no check of ours (the torch backend's own F.embedding fails)
     with pytest.raises(IndexError, match="index out of range in self"):  # F.embedding
         pk.peer_experts(x, idx, gates, down, up, backend="torch", validate=False)
@@ -286,6 +285,7 @@ def test_out_of_range_ids_device_assert_gpu(bad):
         (lambda a: a.update(activation="tanh"), ValueError, "activation must be one of"),
         (lambda a: a.update(x=a["x"].int()), TypeError, "x must have a floating dtype"),
         (lambda a: a.update(backward="scatter"), ValueError, "backward must be one of"),
+        (lambda a: a.update(validate="yes"), ValueError, "validate must be"),
     ],
 )
 def test_bad_input(mutate, err, match):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HAS_CUDA
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("bench_train", ROOT / "bench" / "train.py")
@@ -81,7 +82,7 @@ def test_resume_continues_the_same_curve(tmp_path, text_file):
         train.main(["--resume", str(ck), "--lr", "0.5", "--out", str(tmp_path / "x.json")])
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only machines run the kernels in the Triton interpreter; "
+@pytest.mark.skipif(HAS_CUDA, reason="CPU-only machines run the kernels in the Triton interpreter; "
                     "with CUDA the kernels are covered by the GPU tests and the H200 training run")
 def test_triton_interpreter_trains_like_the_reference(tmp_path, text_file):
     rc, res = run([*TINY, "--data", str(text_file), "--steps", "2", "--backends", "torch,triton"],

@@ -264,7 +264,7 @@ def test_autocast_bf16_close_to_fp32(device, backend, query_norm, x_dtype):
 
 def _fp32_math_on_query(m, x, q):
     """The layer after the query, written with the reference ops in fp32 (autocast off),
-    from the given query (here: the bf16 query that autocast made)."""
+    from the given query (here: the query that autocast made)."""
     dev = x.device.type
     with torch.autocast(dev, enabled=False):
         scores, idx = ref.product_key_topk(q.float(), m.sub_keys, m.k, m.candidates)
@@ -274,8 +274,9 @@ def _fp32_math_on_query(m, x, q):
 @pytest.mark.parametrize("query_norm", ["batch", "layer"])
 def test_autocast_kernels_are_fp32_math_on_the_bf16_query(device, query_norm):
     """Under autocast only the query path runs in bf16 (with LayerNorm on CUDA autocast keeps
-    it fp32); the kernels take that query with fp32 keys and tables and accumulate in fp32. With k < N: the layer's output and
-    grads equal the fp32 reference math applied to the same bf16 query."""
+    it fp32); the kernels take that query with fp32 keys and tables and accumulate in fp32.
+    With k < N: the layer's output and grads equal the fp32 reference math applied to the
+    same query that autocast made."""
     m = layer(device, query_norm=query_norm)
     torch.manual_seed(4)
     x = torch.randn(3, 7, DIM, device=device)
