@@ -102,7 +102,7 @@ for T in (4096, 16384):
                 dk2[p].index_add_(0, (torch.arange(H, device="cuda")[None, :, None] * n + sub).reshape(-1),
                                   contrib.reshape(-1, dk // 2))
         print(f"T={T} sub-key grads by torch index_add_ (atomics, for comparison): {ms(torch_dkeys):.4f} ms", flush=True)
-# 64- vs 16-row programs by T (the default picks 64 rows from 2.5 programs per SM)
+# 64- vs 16-row programs by T (the default picks 64 rows from 0.75 programs per SM)
 for T in (512, 1024, 2048, 3072, 4096):
     q = torch.randn(T, H, dk, device="cuda", dtype=torch.bfloat16)
     keys = torch.randn(H, 2, n, dk // 2, device="cuda", dtype=torch.bfloat16)

@@ -17,9 +17,10 @@ accumulation), in two passes over the tiles (`_half_topk`):
   A row with more than CAP survivors (ties, adversarial data) or a NaN score sends its
   block to the exact fallback: KP rounds of row maxima per tile (`_half_topk_rounds`).
 Candidates are packed int64 (order-preserving score bits << 32 | MAX_ID - id: ties go
-to the lower id). Then the pair sums s_1[a] + s_2[b] of the candidates, only of the pairs with
-(a+1)(b+1) <= K (the others cannot reach the top K; 50 of 256 at K = 16), gathered into a
-list through scratch, and their top K by rounds of row maxima. Writes
+to the lower id). Then the top K of the pair sums s_1[a] + s_2[b] of the candidates by a
+K-way merge of the sorted lists (s_1[a] + s_2[b], b = 0, 1, ...): K rounds of a row maximum
+over the CAND list heads (`_pair_topk`; only pairs with (a+1)(b+1) <= K are ever reached,
+50 of 256 at K = 16). All rounds run as loops (see below). Writes
 scores [M, H, K] fp32 (descending) and expert ids [M, H, K] int64. The [M, H, 2, n]
 score matrix never reaches memory; nothing extra is saved for the backward.
 Speed and what was tried: bench/NOTES.md.
@@ -68,10 +69,10 @@ def _unpack(packed):
     return _order_key(key).to(tl.float32, bitcast=True), (16777216 - low).to(tl.int32)
 
 
-# Loops of up to UNROLL_MAX rounds are unrolled (the measured H200 code of the paper
-# config, K = 16); longer ones run as loops: unrolled, K = 32 took 84 s and K = 64 minutes
-# to compile (the GPU test suite seemed to hang), as a loop 6 s and 18 s.
-UNROLL_MAX = tl.constexpr(16)
+# The rounds below run as loops, not unrolled: unrolled (K = 16) the kernel was 44K
+# instructions executed once per program, and Nsight Compute put ~20% of the stall samples
+# on instruction fetch (no_inst); as loops it is 7K and one 64-row program took 0.17 ->
+# 0.10 ms on an H200 (bench/NOTES.md). They also compile in seconds for K = 32 and 64.
 
 
 @triton.jit
@@ -90,12 +91,8 @@ def _merge_topk(best, packed, KP: tl.constexpr):
     Packed values are unique, so each round removes exactly one element."""
     slot = tl.arange(0, KP)
     new = tl.full(best.shape, -9223372036854775808, tl.int64)
-    if KP <= UNROLL_MAX:
-        for r in tl.static_range(KP):
-            best, packed, new = _merge_round(best, packed, new, slot, r)
-    else:
-        for r in range(KP):
-            best, packed, new = _merge_round(best, packed, new, slot, r)
+    for r in range(KP):
+        best, packed, new = _merge_round(best, packed, new, slot, r)
     return new
 
 
@@ -114,12 +111,8 @@ def _top_rounds(packed, KP: tl.constexpr):
     the minimum value."""
     slot = tl.arange(0, KP)
     new = tl.full((packed.shape[0], KP), -9223372036854775808, tl.int64)
-    if KP <= UNROLL_MAX:
-        for r in tl.static_range(KP):
-            packed, new = _top_round(packed, new, slot, r)
-    else:
-        for r in range(KP):
-            packed, new = _top_round(packed, new, slot, r)
+    for r in range(KP):
+        packed, new = _top_round(packed, new, slot, r)
     return new
 
 
@@ -133,12 +126,8 @@ def _kth_largest_bound(x, KP: tl.constexpr):
     """[BM, G] fp32 -> [BM]: the KP-th largest value of each row when its values are
     distinct; with ties a value below it (each of the KP - 1 rounds drops every copy of the
     row maximum), so always a lower bound of the KP-th largest (or -inf)."""
-    if KP <= UNROLL_MAX:
-        for _ in tl.static_range(KP - 1):
-            x = _drop_max(x)
-    else:
-        for _ in range(KP - 1):
-            x = _drop_max(x)
+    for _ in range(KP - 1):
+        x = _drop_max(x)
     return tl.max(x, axis=1)
 
 
@@ -306,7 +295,7 @@ def _half_topk(
         best = _rank_survivors(scr_row_ptr, cnt, CAP // 2, KP)  # [BLOCK_M, KP]
     else:
         best = _rank_survivors(scr_row_ptr, cnt, CAP, KP)
-    tl.debug_barrier()  # the other half and the pairs reuse the scratch
+    tl.debug_barrier()  # the other half reuses the scratch
     need = tl.minimum(n, KP)
     bad = tl.where(m_mask, (cnt > CAP) | (cnt < need), False) | (nan > 0)
     if tl.max(bad.to(tl.int32), axis=0) > 0:
@@ -326,11 +315,58 @@ def _half_topk_rounds(q, keys_ptr, n, offs_d, d_mask, DH: tl.constexpr, KP: tl.c
 
 
 @triton.jit
+def _pack_pair(score, ids, b, valid):
+    """A pair as int64: order-preserving score bits << 32 | (MAX_ID - id) << 6 | b, where b
+    (< 64) is the pair's place in its list (_pair_topk): it never decides the order, as the
+    ids of pairs are unique. Invalid -> the minimum."""
+    key = tl.where(valid, _order_key(score.to(tl.int32, bitcast=True)), -2147483648)
+    low = tl.where(valid, ((16777216 - ids) << 6) | b, 0)
+    return (key.to(tl.int64) << 32) + low.to(tl.int64)
+
+
+@triton.jit
+def _unpack_pair(packed):
+    key = (packed >> 32).to(tl.int32)
+    low = packed - ((packed >> 32) << 32)
+    return _order_key(key).to(tl.float32, bitcast=True), (16777216 - (low >> 6)).to(tl.int32)
+
+
+@triton.jit
+def _pair_topk(best1, best2, n, K: tl.constexpr, K_PAD: tl.constexpr, CAND: tl.constexpr, KP: tl.constexpr):
+    """Top K (packed pairs, descending) of s1[a] + s2[b], expert id i1[a] * n + i2[b], over
+    the candidates a, b < CAND of the halves (best1, best2 [BM, KP], packed, descending),
+    by a K-way merge: list a = (s1[a] + s2[b] for b = 0, 1, ...) is sorted, so the best
+    remaining pair is the best list head; each of K rounds takes it and moves that list
+    to its next b (s2[b] picked from best2 in registers). The heads are KP values per row,
+    not the up to CAND^2 pairs; a list reaches b only after the b better pairs of its own
+    and a - 1 lists before it, so only pairs with (a+1)(b+1) <= K are ever taken. Pair
+    sums that tie only through rounding (s2[b] > s2[b'] but equal sums) come in list order
+    rather than by id."""
+    cols = tl.arange(0, KP)
+    s1, i1 = _unpack(best1)
+    live = (cols[None, :] < CAND) & (best1 != -9223372036854775808)  # [BM, KP] lists
+    top2 = tl.max(best2, axis=1)  # best2[:, 0]
+    s2, i2 = _unpack(top2)
+    heads = _pack_pair(s1 + s2[:, None], i1 * n + i2[:, None], 0, live & (top2 != -9223372036854775808)[:, None])
+    slot = tl.arange(0, K_PAD)
+    out = tl.full((best1.shape[0], K_PAD), -9223372036854775808, tl.int64)
+    for r in range(K):
+        m = tl.max(heads, axis=1)  # [BM] the best head
+        out = tl.where(slot[None, :] == r, m[:, None], out)
+        b = (m & 63).to(tl.int32) + 1  # the next place in the winning list
+        nxt = tl.max(tl.where(cols[None, :] == b[:, None], best2, -9223372036854775808), axis=1)  # best2[:, b]
+        sn, i_n = _unpack(nxt)
+        ok = live & ((b < CAND) & (nxt != -9223372036854775808))[:, None]
+        heads = tl.where(heads == m[:, None], _pack_pair(s1 + sn[:, None], i1 * n + i_n[:, None], b[:, None], ok), heads)
+    return out
+
+
+@triton.jit
 def pk_topk_fwd_kernel(
     q_ptr, keys_ptr, scores_ptr, ids_ptr, scratch_ptr,
     M, n, H,
     DK: tl.constexpr, DH_PAD: tl.constexpr, PER_HEAD: tl.constexpr,
-    K: tl.constexpr, K_PAD: tl.constexpr, CAND: tl.constexpr, KP: tl.constexpr, PAIRS_PAD: tl.constexpr,
+    K: tl.constexpr, K_PAD: tl.constexpr, CAND: tl.constexpr, KP: tl.constexpr,
     GROUPS: tl.constexpr, CAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, PREFIX_SLOTS: tl.constexpr, NATIVE: tl.constexpr,
@@ -356,26 +392,7 @@ def pk_topk_fwd_kernel(
                        BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION, PREFIX_SLOTS, NATIVE)
     best2 = _half_topk(q_row_ptr + DH, kbase + n * DH, scr_row_ptr, cnt_row_ptr + 1, offs_m, m_mask, n, DH, DH_PAD, KP,
                        GROUPS, CAP, BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION, PREFIX_SLOTS, NATIVE)
-    # pair stage: pair (a, b) of the sorted candidates is dominated by (a+1)(b+1)-1 others,
-    # so only pairs with (a+1)(b+1) <= K can reach the top K: per_a[a] = min(CAND, K // (a+1))
-    # of them for each a < CAND, PAIRS in all (50 of the 256 at K = CAND = 16). Pair p is
-    # (pa, pb) in that list; the candidates go through scratch to be gathered.
-    slots = tl.arange(0, KP)
-    tl.store(scr_row_ptr[:, None] + slots[None, :], best1)
-    tl.store(scr_row_ptr[:, None] + KP + slots[None, :], best2)
-    per_a = tl.where(slots < CAND, tl.minimum(K // (slots + 1), CAND), 0)  # [KP]
-    pp = tl.arange(0, PAIRS_PAD)
-    before = tl.cumsum(per_a, axis=0)[None, :] <= pp[:, None]  # [PAIRS_PAD, KP]
-    pa = tl.sum(before.to(tl.int32), axis=1)  # [PAIRS_PAD]
-    pb = pp - tl.sum(tl.where(before, per_a[None, :], 0), axis=1)
-    pvalid = pp < tl.sum(per_a, axis=0)
-    tl.debug_barrier()
-    c1 = tl.load(scr_row_ptr[:, None] + pa[None, :], mask=pvalid[None, :], other=-9223372036854775808)
-    c2 = tl.load(scr_row_ptr[:, None] + KP + pb[None, :], mask=pvalid[None, :], other=-9223372036854775808)
-    s1, i1 = _unpack(c1)  # [BLOCK_M, PAIRS_PAD]
-    s2, i2 = _unpack(c2)
-    top = _top_rounds(_pack(s1 + s2, i1 * n + i2, pvalid[None, :]), K_PAD)  # [BLOCK_M, K_PAD]
-    sc, ids = _unpack(top)
+    sc, ids = _unpack_pair(_pair_topk(best1, best2, n, K, K_PAD, CAND, KP))  # [BLOCK_M, K_PAD]
     offs_k = tl.arange(0, K_PAD)
     out = row[:, None] * K + offs_k[None, :]
     o_mask = m_mask[:, None] & (offs_k[None, :] < K)

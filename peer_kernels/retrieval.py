@@ -39,10 +39,10 @@ def _fwd_config(n: int, kp: int, dh: int = 64, upcast: bool = False, many_rows: 
     Half-precision products with KP <= 16 and Dk/2 <= 64 (the paper config), when there are
     many rows (many_rows: see _many_rows): 64 rows per program, so the tile products are
     wgmma-sized, a row's reductions stay inside one warp and pass B counts the survivor
-    slots on tensor cores (H200, T = 4096: 0.19 ms vs 0.35 ms with 16 rows, bench/NOTES.md).
-    Otherwise 16 rows: a 64-row program takes ~0.17 ms however few there are (T <= 1024:
-    16 rows are faster), and larger KP, Dk or fp32 products would spill heavily at 64
-    (ptxas on sm_90: 2-3.5 KB of stack).
+    slots on tensor cores (H200, T = 2048: 0.11 ms vs 0.17 ms with 16 rows, bench/NOTES.md).
+    Otherwise 16 rows: a 64-row program takes ~0.10 ms however few there are (T = 512: 16
+    rows are faster), and larger KP, Dk or fp32 products would spill heavily at 64 (ptxas
+    on sm_90: 2-3.5 KB of stack).
     The interpreter (always fp32 products) takes the 64-row config wherever KP and Dk allow,
     so that the CPU tests cover it."""
     big = kp <= 16 and dh <= 64 and (interpreting() or (not upcast and many_rows))
@@ -61,21 +61,16 @@ _SMS: dict = {}
 
 
 def _many_rows(device: torch.device, m: int, heads: int) -> bool:
-    """Enough 64-row programs to fill the GPU: at least 1.8 per SM (H200, 132 SMs, H = 8:
-    16 rows are faster up to T = 1024 (0.09 vs 0.17 ms), 64 rows from T = 2048 (0.171 vs
-    0.180 ms) and beyond (T = 4096: 0.19 vs 0.35 ms); bench/NOTES.md)."""
+    """Enough 64-row programs to fill the GPU: at least 0.75 per SM (H200, 132 SMs, H = 8:
+    16 rows are faster at T = 512 (0.066 vs 0.109 ms), even at T = 1024 (0.103 vs 0.102),
+    64 rows from there on (T = 2048: 0.109 vs 0.167 ms; T = 3072: 0.137 vs 0.245);
+    bench/NOTES.md)."""
     if device.type != "cuda":
         return True
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SMS:
         _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return triton.cdiv(m, 64) * heads >= 1.8 * _SMS[idx]
-
-
-def _num_pairs(k: int, candidates: int) -> int:
-    """Pairs (a, b) of sorted candidates with (a+1)(b+1) <= k: the only ones that can
-    reach the top k (see pk_topk_fwd_kernel)."""
-    return sum(min(candidates, k // (a + 1)) for a in range(candidates))
+    return triton.cdiv(m, 64) * heads >= 0.75 * _SMS[idx]
 
 
 def _launch_fwd(query: torch.Tensor, sub_keys: torch.Tensor, k: int, candidates: int):
@@ -90,13 +85,13 @@ def _launch_fwd(query: torch.Tensor, sub_keys: torch.Tensor, k: int, candidates:
         upcast, precision = _dot_config(query, sub_keys)
         cfg = _fwd_config(n, kp, dk // 2, upcast, _many_rows(query.device, m, heads))
         grid = (triton.cdiv(m, cfg["BLOCK_M"]), heads)
-        # per row: CAP survivor slots (reused by the second half and the pair stage), then
+        # per row: CAP survivor slots (reused by the second half), then
         # the int32 survivor counters of both halves (16-row programs)
         scratch = torch.empty(grid[0] * heads * cfg["BLOCK_M"] * (cfg["CAP"] + 2), device=query.device, dtype=torch.int64)
         kernels.pk_topk_fwd_kernel[grid](
             q, sub_keys, scores, ids, scratch, m, n, heads,
             DK=dk, DH_PAD=_pow2(dk // 2, 16), PER_HEAD=sub_keys.dim() == 4,
-            K=k, K_PAD=_pow2(k, 2), CAND=candidates, KP=kp, PAIRS_PAD=_pow2(_num_pairs(k, candidates), 2),
+            K=k, K_PAD=_pow2(k, 2), CAND=candidates, KP=kp,
             EVEN_N=n % cfg["BLOCK_N"] == 0, UPCAST=upcast, PRECISION=precision,
             PREFIX_SLOTS=cfg["BLOCK_M"] >= 64, NATIVE=not interpreting(), **cfg,
         )
