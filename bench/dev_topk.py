@@ -61,7 +61,7 @@ for T in (4096, 16384):
     # 64 rows x 64 sub-keys + atomic slots + tau by tl.sort 0.279 (8 warps 0.279), the same with the
     # cumsum 0.399, 32 rows + atomic slots + sort 0.409; earlier: maxnreg 160 0.479, no maxnreg 0.582
     variants = [("default", {}), ("16 rows", {"BLOCK_M": 16, "BLOCK_N": 128}), ("BN 128", {"BLOCK_N": 128}),
-                ("maxnreg 168", {"maxnreg": 168})] if T == 4096 else [("default", {})]
+                ("maxnreg 168", {"maxnreg": 168}), ("maxnreg 96", {"maxnreg": 96})] if T == 4096 else [("default", {})]
     for name, over in variants:
         R._fwd_config = with_config(**over)
         try:

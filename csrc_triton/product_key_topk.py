@@ -69,10 +69,10 @@ def _unpack(packed):
     return _order_key(key).to(tl.float32, bitcast=True), (16777216 - low).to(tl.int32)
 
 
-# The rounds below run as loops, not unrolled: unrolled (K = 16) the kernel was 44K
-# instructions executed once per program, and Nsight Compute put ~20% of the stall samples
-# on instruction fetch (no_inst); as loops it is 7K and one 64-row program took 0.17 ->
-# 0.10 ms on an H200 (bench/NOTES.md). They also compile in seconds for K = 32 and 64.
+# The rounds below run as loops, not unrolled: unrolled (K = 16) the kernel was 44K SASS
+# instructions, each executed once per program, and Nsight Compute put ~20% of the stall
+# samples on instruction fetch (no_inst); as loops it is ~7K and one 64-row program took
+# 0.17 -> 0.10 ms on an H200 (bench/NOTES.md). They also compile in seconds for K = 32, 64.
 
 
 @triton.jit
@@ -365,11 +365,11 @@ def _pair_topk(best1, best2, n, K: tl.constexpr, K_PAD: tl.constexpr, CAND: tl.c
     the candidates a, b < CAND of the halves (best1, best2 [BM, KP], packed, descending),
     by a K-way merge: list a = (s1[a] + s2[b] for b = 0, 1, ...) is sorted, so the best
     remaining pair is the best list head; each of K rounds takes it and moves that list
-    to its next b (s2[b] picked from best2 in registers). The heads are KP values per row,
-    not the up to CAND^2 pairs; a list reaches b only after the b better pairs of its own
-    and a - 1 lists before it, so only pairs with (a+1)(b+1) <= K are ever taken. Pair
-    sums that tie only through rounding (s2[b] > s2[b'] but equal sums) come in list order
-    rather than by id."""
+    to its next b (s2[b] picked from best2 in registers; b rides in the low bits of the
+    packed pair). The rounds run over KP heads per row, not over the up to CAND^2 pairs;
+    pair (a, b) comes after the (a+1)(b+1) - 1 pairs (a' <= a, b' <= b) that beat it, so
+    only pairs with (a+1)(b+1) <= K are ever taken. Pair sums that tie only through
+    rounding (s2[b] > s2[b'] but equal sums) come in list order rather than by id."""
     cols = tl.arange(0, KP)
     s1, i1 = _unpack(best1)
     live = (cols[None, :] < CAND) & (best1 != -9223372036854775808)  # [BM, KP] lists

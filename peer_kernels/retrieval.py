@@ -39,10 +39,10 @@ def _fwd_config(n: int, kp: int, dh: int = 64, upcast: bool = False, many_rows: 
     Half-precision products with KP <= 16 and Dk/2 <= 64 (the paper config), when there are
     many rows (many_rows: see _many_rows): 64 rows per program, so the tile products are
     wgmma-sized, a row's reductions stay inside one warp and pass B counts the survivor
-    slots on tensor cores (H200, T = 2048: 0.11 ms vs 0.17 ms with 16 rows, bench/NOTES.md).
-    Otherwise 16 rows: a 64-row program takes ~0.10 ms however few there are (T = 512: 16
-    rows are faster), and larger KP, Dk or fp32 products would spill heavily at 64 (ptxas
-    on sm_90: 2-3.5 KB of stack).
+    slots on tensor cores (H200, T = 2048: 0.094 ms vs 0.167 ms with 16 rows,
+    bench/NOTES.md). Otherwise 16 rows: a 64-row program takes ~0.08 ms however few there
+    are (T = 512: 16 rows are faster), and larger KP, Dk or fp32 products would spill
+    heavily at 64 (ptxas on sm_90: 2-3.5 KB of stack).
     The interpreter (always fp32 products) takes the 64-row config wherever KP and Dk allow,
     so that the CPU tests cover it."""
     big = kp <= 16 and dh <= 64 and (interpreting() or (not upcast and many_rows))
@@ -62,9 +62,9 @@ _SMS: dict = {}
 
 def _many_rows(device: torch.device, m: int, heads: int) -> bool:
     """Enough 64-row programs to fill the GPU: at least 0.75 per SM (H200, 132 SMs, H = 8:
-    16 rows are faster at T = 512 (0.066 vs 0.109 ms), even at T = 1024 (0.103 vs 0.102),
-    64 rows from there on (T = 2048: 0.109 vs 0.167 ms; T = 3072: 0.137 vs 0.245);
-    bench/NOTES.md)."""
+    16 rows are faster at T = 512 (0.066 vs 0.079 ms), 64 rows from T = 1024 (0.079 vs
+    0.095 ms; T = 2048: 0.094 vs 0.167; T = 3072: 0.119 vs 0.246); below T = 2048 these
+    timings include some of the launcher's ~0.09 ms of host time; bench/NOTES.md)."""
     if device.type != "cuda":
         return True
     idx = device.index if device.index is not None else torch.cuda.current_device()
