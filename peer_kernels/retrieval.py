@@ -122,7 +122,7 @@ def _launch_bwd(grad_scores, query, sub_keys, ids):
         DK=dk, DH_PAD=dh_pad, PER_HEAD=per_head, K=k, K_PAD=_pow2(k, 2), BLOCK_M=block_m, num_warps=4,
     )
     num_rows = num_sets * 2 * n
-    order, offsets, _ = sorted_segments(rows, num_rows)
+    order, offsets, _ = sorted_segments(rows, num_rows, narrow_ids=True)  # 16-bit keys up to H * 2 * n = 2^15
     dkeys = torch.empty(sub_keys.shape, device=sub_keys.device, dtype=sub_keys.dtype)
     block_rows = 4
     kernels.pk_topk_bwd_keys_kernel[(triton.cdiv(num_rows, block_rows),)](

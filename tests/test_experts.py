@@ -110,20 +110,22 @@ def test_long_rows_summed_in_chunks(chunk, device, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("narrow", [False, True])
 @pytest.mark.parametrize("ids", ["uniform", "one_row", "first_and_last", "empty"])
-def test_sorted_segments_csr(ids, device):
-    """sorted_segments (the sort of both backwards: expert tables and sub-keys): stable
-    order of the slots by id, the sorted ids and the CSR row starts, against argsort +
-    bincount, for spread, all-equal, extreme and empty ids."""
+def test_sorted_segments_csr(ids, narrow, device):
+    """sorted_segments (the sort of both backwards: expert tables and sub-keys, the latter
+    with 16-bit keys): stable order of the slots by id, the sorted ids and the CSR row
+    starts, against argsort + bincount, for spread, all-equal, extreme and empty ids."""
     from peer_kernels.segments import sorted_segments
 
-    n = 50
+    n = 2**15 if narrow else 50  # the largest row count that takes 16-bit keys
     g = torch.Generator().manual_seed(1)
     idx = {"uniform": torch.randint(0, n, (37, 6), generator=g),
            "one_row": torch.full((9, 4), 17),
            "first_and_last": torch.tensor([[n - 1, 0, n - 1], [0, 0, n - 1]]),
            "empty": torch.zeros(0, 4, dtype=torch.int64)}[ids].to(device)
-    order, offsets, sorted_ids = sorted_segments(idx, n)
+    order, offsets, sorted_ids = sorted_segments(idx, n, narrow_ids=narrow)
+    assert sorted_ids.dtype == (torch.int16 if narrow else torch.int32)
     flat = idx.reshape(-1).cpu()
     expect_order = torch.argsort(flat, stable=True)
     assert torch.equal(order.cpu(), expect_order)
