@@ -64,14 +64,11 @@ def _survivors(q1, keys1, cfg, kp):
     return s, s >= gm.topk(kp, 1).values[:, -1:]
 
 
-def test_forward_many_survivors(device):
+def _many_survivors_case(R):
     """Sub-keys in near-copies (groups of 4: 3 copies of a random key and its mirror), so
-    that 18-42 scores per row pass the threshold of the first half; the rows are picked so
-    that one block of the kernel has a row with more than CAP / 2 = 32 survivors there (it
-    ranks all CAP slots) and another has none (it ranks CAP / 2): both must give the exact
-    top k."""
-    from peer_kernels import retrieval as R
-
+    that 18-42 scores per row pass the threshold of the first half; rows picked so that one
+    block of the kernel (as R._fwd_config sets it up) has a row with more than CAP / 2 = 32
+    survivors there and another has none. Returns q, keys (CPU, fp32)."""
     g = torch.Generator().manual_seed(0)
     n, dh = 128, 8
     keys = torch.empty(1, 2, n, dh)
@@ -93,15 +90,31 @@ def test_forward_many_survivors(device):
     late = ((surv > 32) & (upto_best > 32)).nonzero()[:, 0]
     assert len(few) >= 2 * bm and len(late) > 0
     rows = torch.cat((few[:bm], late[:1], few[bm:2 * bm - 1]))  # block 0: all <= 32; block 1: one row > 32
-    q = pool[rows]
     blocks = surv[rows].reshape(2, bm).amax(1)
     assert blocks[0] <= 32 < blocks[1]  # both ranking widths run
-    q, keys = q.to(device), keys.to(device)
-    s, i = pk.product_key_topk(q, keys, 16, backend="triton")
-    s_ref, i_ref = ref.product_key_topk(q, keys, 16, 16)
-    assert torch.equal(i, i_ref)
-    assert torch.equal(i, ref.brute_force_topk(q, keys, 16)[1])
-    torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-5)
+    return pool[rows], keys
+
+
+def test_forward_many_survivors(device, monkeypatch):
+    """A block whose rows all have <= CAP / 2 = 32 survivors (it ranks CAP / 2 slots) and one
+    with a row of more (it ranks all CAP) must both give the exact top k: with the launch
+    config of the device, and on a GPU also in 64-row programs (fp32 products take 16 rows
+    there), whose survivors are loaded for ranking by inline PTX; the interpreter runs
+    64-row programs in the first case already."""
+    from peer_kernels import retrieval as R
+
+    forced = [False, True] if device == "cuda" else [False]
+    base = R._fwd_config
+    for rows64 in forced:
+        if rows64:
+            monkeypatch.setattr(R, "_fwd_config", lambda *args, **kw: dict(base(*args, **kw), BLOCK_M=64, BLOCK_N=64))
+        q, keys = _many_survivors_case(R)
+        q, keys = q.to(device), keys.to(device)
+        s, i = pk.product_key_topk(q, keys, 16, backend="triton")
+        s_ref, i_ref = ref.product_key_topk(q, keys, 16, 16)
+        assert torch.equal(i, i_ref), rows64
+        assert torch.equal(i, ref.brute_force_topk(q, keys, 16)[1]), rows64
+        torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-5)
 
 
 def test_forward_config_64_rows_only_for_large_grids(monkeypatch):
