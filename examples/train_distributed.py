@@ -428,6 +428,10 @@ def main(argv=None):
                               for i, r in enumerate(results)])
         print("RESULT " + json.dumps(summary), flush=True)
     ok = all(all(o for _, _, o in row) for row in per_rank)
+    # every rank waits for rank 0's report before the process group goes: a rank tearing
+    # gloo down while its peer still held the connection aborted at exit once in CI
+    # ("terminate called without an active exception", after all checks had passed)
+    dist.barrier()
     dist.destroy_process_group()
     return 0 if ok else 1
 
