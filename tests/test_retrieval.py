@@ -119,7 +119,7 @@ def test_forward_many_survivors(device, monkeypatch):
 
 def test_forward_config_64_rows_only_for_large_grids(monkeypatch):
     """64-row programs only for half-precision products, KP <= 16, Dk/2 <= 64 and at least
-    0.75 programs per SM (a 64-row program has a fixed ~0.10 ms latency on the H200)."""
+    0.75 programs per SM (a 64-row program has a fixed ~0.08 ms latency on the H200)."""
     from peer_kernels import retrieval as R
 
     monkeypatch.setattr(R, "interpreting", lambda: False)
