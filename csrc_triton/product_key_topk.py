@@ -55,18 +55,30 @@ def _raw(score, ids):
 
 
 @triton.jit
+def _pack_low(score, low, valid):
+    """fp32 score + a non-negative 32-bit low word -> int64 whose order is (score, low);
+    invalid -> minimum. The packed forms below differ only in their low word."""
+    key = tl.where(valid, _order_key(score.to(tl.int32, bitcast=True)), -2147483648)
+    return (key.to(tl.int64) << 32) + tl.where(valid, low, 0).to(tl.int64)
+
+
+@triton.jit
+def _unpack_low(packed):
+    """-> (fp32 score, int64 low word) of _pack_low."""
+    key = (packed >> 32).to(tl.int32)
+    return _order_key(key).to(tl.float32, bitcast=True), packed - ((packed >> 32) << 32)
+
+
+@triton.jit
 def _pack(score, ids, valid):
     """fp32 score + int id -> int64 whose order is (score, -id); invalid -> minimum."""
-    key = tl.where(valid, _order_key(score.to(tl.int32, bitcast=True)), -2147483648)
-    low = tl.where(valid, 16777216 - ids, 0)
-    return (key.to(tl.int64) << 32) + low.to(tl.int64)
+    return _pack_low(score, 16777216 - ids, valid)
 
 
 @triton.jit
 def _unpack(packed):
-    key = (packed >> 32).to(tl.int32)
-    low = packed - ((packed >> 32) << 32)
-    return _order_key(key).to(tl.float32, bitcast=True), (16777216 - low).to(tl.int32)
+    score, low = _unpack_low(packed)
+    return score, (16777216 - low).to(tl.int32)
 
 
 # The rounds below run as loops, not unrolled: unrolled (K = 16) the kernel was 44K SASS
@@ -162,9 +174,8 @@ def _rank_survivors(scr_row_ptr, cnt, tile, W: tl.constexpr, KP: tl.constexpr, I
         slots = tl.arange(0, W)[None, :]
         used = slots < cnt[:, None]
         raw = tl.load(scr_row_ptr[:, None] + slots, mask=used, other=0)  # [BLOCK_M, W]: bits << 32 | low
-    key = _order_key((raw >> 32).to(tl.int32))  # the packed form, as in _pack
-    cand = tl.where(used, (key.to(tl.int64) << 32) | (raw & 0xFFFFFFFF), -9223372036854775808)
-    return _top_rounds(cand, KP)
+    score = (raw >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    return _top_rounds(_pack_low(score, raw & 0xFFFFFFFF, used), KP)  # the low word is MAX_ID - id already
 
 
 @triton.jit
@@ -347,16 +358,13 @@ def _pack_pair(score, ids, b, valid):
     """A pair as int64: order-preserving score bits << 32 | (MAX_ID - id) << 6 | b, where b
     (< 64) is the pair's place in its list (_pair_topk): it never decides the order, as the
     ids of pairs are unique. Invalid -> the minimum."""
-    key = tl.where(valid, _order_key(score.to(tl.int32, bitcast=True)), -2147483648)
-    low = tl.where(valid, ((16777216 - ids) << 6) | b, 0)
-    return (key.to(tl.int64) << 32) + low.to(tl.int64)
+    return _pack_low(score, ((16777216 - ids) << 6) | b, valid)
 
 
 @triton.jit
 def _unpack_pair(packed):
-    key = (packed >> 32).to(tl.int32)
-    low = packed - ((packed >> 32) << 32)
-    return _order_key(key).to(tl.float32, bitcast=True), (16777216 - (low >> 6)).to(tl.int32)
+    score, low = _unpack_low(packed)
+    return score, (16777216 - (low >> 6)).to(tl.int32)
 
 
 @triton.jit
