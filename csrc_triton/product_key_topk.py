@@ -444,7 +444,7 @@ def pk_topk_bwd_query_kernel(
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """dq, and the dC row of each selection for the keys kernel's sort: rows [2, M, H, K]
-    int32, row = (set * 2 + p) * n + sub-key (set = h with per-head keys, else 0)."""
+    (int16 or int32), row = (set * 2 + p) * n + sub-key (set = h with per-head keys, else 0)."""
     DH: tl.constexpr = DK // 2
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -469,7 +469,7 @@ def pk_topk_bwd_query_kernel(
         else:
             sub = e % n
         tl.store(rows_ptr + p * MHK + row[:, None] * K + offs_k[None, :],
-                 ((kset * 2 + p) * n + sub).to(tl.int32), mask=k_mask)
+                 ((kset * 2 + p) * n + sub).to(rows_ptr.dtype.element_ty), mask=k_mask)
         c = tl.load(kbase + p * n * DH + sub[:, :, None] * DH + offs_d[None, None, :], mask=mask3, other=0.0)
         dq = tl.sum(g[:, :, None] * c.to(tl.float32), axis=1)  # [BLOCK_M, DH_PAD]
         tl.store(dq_ptr + row[:, None] * DK + p * DH + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
@@ -479,29 +479,35 @@ def pk_topk_bwd_query_kernel(
 @triton.jit
 def pk_topk_bwd_keys_kernel(
     order_ptr, offsets_ptr, dscores_ptr, q_ptr, dkeys_ptr,
-    num_rows, n, MHK,
+    num_rows, MHK,
     DK: tl.constexpr, DH_PAD: tl.constexpr, K: tl.constexpr, ROWS: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """dC[row] = sum over the selections that use sub-key row `row` of g * q_p, one program
-    per ROWS rows of dC viewed as [num_rows, DH] (row = (set * 2 + p) * n + c), each row
-    written once (zeros where unused). The selections (p, m, h, r), flat p * MHK + (m*H + h)*K
-    + r, come sorted by row (order, CSR offsets: stable, so a fixed summation order)."""
+    """dC[row] = sum over the selections that use sub-key row `row` of g * q_p, one program per
+    ROWS rows of dC viewed as [num_rows, DH] (row = (set * 2 + p) * n + c), each row written
+    once (zeros where unused). The selections (p, m, h, r), flat p * MHK + (m*H + h)*K + r,
+    come sorted by row (order, CSR offsets: stable, so a fixed summation order). The ROWS
+    rows are summed side by side, BLOCK_J selections of each per step, so that
+    ROWS * BLOCK_J gathers of q are in flight together (one row at a time took 0.091 ms at
+    the paper config, T = 4096: latency-bound; bench/NOTES.md)."""
     DH: tl.constexpr = DK // 2
     offs_d = tl.arange(0, DH_PAD)
     d_mask = offs_d < DH
-    for i in range(ROWS):
-        row = tl.program_id(0).to(tl.int64) * ROWS + i
-        if row < num_rows:
-            p = (row // n) % 2
-            start = tl.load(offsets_ptr + row)
-            end = tl.load(offsets_ptr + row + 1)
-            acc = tl.zeros((DH_PAD,), tl.float32)  # [DH_PAD]
-            for j0 in range(start, end, BLOCK_J):
-                offs_j = j0 + tl.arange(0, BLOCK_J)
-                j_mask = offs_j < end
-                sel = tl.load(order_ptr + offs_j, mask=j_mask, other=0).to(tl.int64) % MHK  # [BLOCK_J]
-                g = tl.load(dscores_ptr + sel, mask=j_mask, other=0.0)
-                q = tl.load(q_ptr + (sel // K)[:, None] * DK + p * DH + offs_d[None, :],
-                            mask=j_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)  # [BLOCK_J, DH_PAD]
-                acc += tl.sum(g[:, None] * q, axis=0)
-            tl.store(dkeys_ptr + row * DH + offs_d, acc.to(dkeys_ptr.dtype.element_ty), mask=d_mask)
+    offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    r_mask = offs_r < num_rows
+    start = tl.load(offsets_ptr + offs_r, mask=r_mask, other=0)  # [ROWS]
+    end = tl.load(offsets_ptr + offs_r + 1, mask=r_mask, other=0)
+    offs_j = tl.arange(0, BLOCK_J)
+    acc = tl.zeros((ROWS, DH_PAD), tl.float32)
+    for j0 in range(0, tl.max(end - start, axis=0), BLOCK_J):
+        pos = start[:, None] + j0 + offs_j[None, :]  # [ROWS, BLOCK_J]
+        j_mask = pos < end[:, None]
+        sel = tl.load(order_ptr + pos, mask=j_mask, other=0).to(tl.int64)  # p * MHK + (m*H + h)*K + r
+        p = (sel >= MHK).to(tl.int64)
+        e = sel - p * MHK
+        g = tl.load(dscores_ptr + e, mask=j_mask, other=0.0)
+        qrow = e // K
+        q = tl.load(q_ptr + (qrow * DK + p * DH)[:, :, None] + offs_d[None, None, :],
+                    mask=j_mask[:, :, None] & d_mask[None, None, :], other=0.0)  # [ROWS, BLOCK_J, DH_PAD]
+        acc += tl.sum(g[:, :, None] * q.to(tl.float32), axis=1)
+    tl.store(dkeys_ptr + offs_r[:, None].to(tl.int64) * DH + offs_d[None, :], acc.to(dkeys_ptr.dtype.element_ty),
+             mask=r_mask[:, None] & d_mask[None, :])

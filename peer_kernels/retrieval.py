@@ -98,6 +98,14 @@ def _launch_fwd(query: torch.Tensor, sub_keys: torch.Tensor, k: int, candidates:
     return scores.reshape(*query.shape[:-1], k), ids.reshape(*query.shape[:-1], k)
 
 
+def _bwd_keys_config() -> dict:
+    """Launch config of pk_topk_bwd_keys_kernel: ROWS rows of dC side by side per program,
+    BLOCK_J selections of each per step. H200, paper config, T = 4096 / 16384: 56 / 226 us
+    (ROWS, BLOCK_J = 16, 16: 57 / 240; 32, 16: 79 / 327; 8, 16: 148 / 560; 16 rows with 8
+    warps 189 / 748; the old loop over one row at a time 91 / 354; bench/NOTES.md)."""
+    return dict(ROWS=16, BLOCK_J=32, num_warps=4)
+
+
 def _launch_bwd(grad_scores, query, sub_keys, ids):
     heads, dk = query.shape[-2], query.shape[-1]
     k = ids.shape[-1]
@@ -113,21 +121,21 @@ def _launch_bwd(grad_scores, query, sub_keys, ids):
     if m == 0:
         return dq.reshape(query.shape), torch.zeros_like(sub_keys)
     block_m = 16
+    num_rows = num_sets * 2 * n
     # dC: the selections sorted by the dC row they add to (row = (set * 2 + p) * n + sub-key,
-    # written by the dq kernel), then one program per ROWS rows sums its segment (fixed
-    # order, no atomics)
-    rows = torch.empty((2, m, heads, k), device=e.device, dtype=torch.int32)
+    # written by the dq kernel; 16-bit when they fit: the radix sort makes half the passes),
+    # then one program per ROWS rows sums its segments (fixed order, no atomics)
+    narrow = num_rows <= 2**15
+    rows = torch.empty((2, m, heads, k), device=e.device, dtype=torch.int16 if narrow else torch.int32)
     kernels.pk_topk_bwd_query_kernel[(triton.cdiv(m, block_m), heads)](
         g, e, sub_keys, dq, rows, m, n, heads, m * heads * k,
         DK=dk, DH_PAD=dh_pad, PER_HEAD=per_head, K=k, K_PAD=_pow2(k, 2), BLOCK_M=block_m, num_warps=4,
     )
-    num_rows = num_sets * 2 * n
-    order, offsets, _ = sorted_segments(rows, num_rows, narrow_ids=True)  # 16-bit keys up to H * 2 * n = 2^15
+    order, offsets, _ = sorted_segments(rows, num_rows, narrow_ids=narrow)
     dkeys = torch.empty(sub_keys.shape, device=sub_keys.device, dtype=sub_keys.dtype)
-    block_rows = 4
-    kernels.pk_topk_bwd_keys_kernel[(triton.cdiv(num_rows, block_rows),)](
-        order, offsets, g, q, dkeys, num_rows, n, m * heads * k,
-        DK=dk, DH_PAD=dh_pad, K=k, ROWS=block_rows, BLOCK_J=16, num_warps=2,
+    cfg = _bwd_keys_config()
+    kernels.pk_topk_bwd_keys_kernel[(triton.cdiv(num_rows, cfg["ROWS"]),)](
+        order, offsets, g, q, dkeys, num_rows, m * heads * k, DK=dk, DH_PAD=dh_pad, K=k, **cfg,
     )
     return dq.reshape(query.shape), dkeys
 
