@@ -103,7 +103,7 @@ def _bwd_keys_config() -> dict:
     BLOCK_J selections of each per step. H200, paper config, T = 4096 / 16384: 56 / 226 us
     (ROWS, BLOCK_J = 16, 16: 57 / 240; 32, 16: 79 / 327; 8, 16: 148 / 560; 16 rows with 8
     warps 189 / 748; the old loop over one row at a time 91 / 354; bench/NOTES.md)."""
-    return dict(ROWS=16, BLOCK_J=32, num_warps=4)
+    return dict(ROWS=16, BLOCK_J=16, num_warps=4)
 
 
 def _launch_bwd(grad_scores, query, sub_keys, ids):
@@ -121,21 +121,27 @@ def _launch_bwd(grad_scores, query, sub_keys, ids):
     if m == 0:
         return dq.reshape(query.shape), torch.zeros_like(sub_keys)
     block_m = 16
-    num_rows = num_sets * 2 * n
-    # dC: the selections sorted by the dC row they add to (row = (set * 2 + p) * n + sub-key,
-    # written by the dq kernel; 16-bit when they fit: the radix sort makes half the passes),
-    # then one program per ROWS rows sums its segments (fixed order, no atomics)
-    narrow = num_rows <= 2**15
-    rows = torch.empty((2, m, heads, k), device=e.device, dtype=torch.int16 if narrow else torch.int32)
     kernels.pk_topk_bwd_query_kernel[(triton.cdiv(m, block_m), heads)](
-        g, e, sub_keys, dq, rows, m, n, heads, m * heads * k,
+        g, e, sub_keys, dq, m, n, heads,
         DK=dk, DH_PAD=dh_pad, PER_HEAD=per_head, K=k, K_PAD=_pow2(k, 2), BLOCK_M=block_m, num_warps=4,
     )
-    order, offsets, _ = sorted_segments(rows, num_rows, narrow_ids=narrow)
+    # dC: the selections sorted by the dC row they add to (row = (set * 2 + p) * n + sub-key;
+    # a (m, h)'s repeats of a sub-key merged into its first, the rest sent to row num_rows;
+    # 16-bit keys when they fit: the radix sort makes half the passes), then one program per
+    # ROWS rows sums their segments (fixed order, no atomics)
+    num_rows = num_sets * 2 * n
+    narrow = num_rows < 2**15
+    rows = torch.empty((2, m, heads, k), device=e.device, dtype=torch.int16 if narrow else torch.int32)
+    gsum = torch.empty((2, m, heads, k), device=e.device, dtype=torch.float32)
+    kernels.pk_topk_bwd_rows_kernel[(triton.cdiv(m * heads, 32),)](
+        g, e, rows, gsum, m * heads, n, heads, m * heads * k, num_rows,
+        PER_HEAD=per_head, K=k, K_PAD=_pow2(k, 2), BLOCK_M=32, num_warps=4,
+    )
+    order, offsets, _ = sorted_segments(rows, num_rows + 1, narrow_ids=narrow)
     dkeys = torch.empty(sub_keys.shape, device=sub_keys.device, dtype=sub_keys.dtype)
     cfg = _bwd_keys_config()
     kernels.pk_topk_bwd_keys_kernel[(triton.cdiv(num_rows, cfg["ROWS"]),)](
-        order, offsets, g, q, dkeys, num_rows, m * heads * k, DK=dk, DH_PAD=dh_pad, K=k, **cfg,
+        order, offsets, gsum, q, dkeys, num_rows, m * heads * k, DK=dk, DH_PAD=dh_pad, K=k, **cfg,
     )
     return dq.reshape(query.shape), dkeys
 
