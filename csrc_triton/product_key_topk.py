@@ -438,12 +438,20 @@ def pk_topk_fwd_kernel(
 
 @triton.jit
 def pk_topk_bwd_query_kernel(
-    dscores_ptr, ids_ptr, keys_ptr, dq_ptr,
-    M, n, H,
+    dscores_ptr, ids_ptr, keys_ptr, dq_ptr, rows_ptr, gsum_ptr,
+    M, n, H, MHK, NUM_ROWS,
     DK: tl.constexpr, DH_PAD: tl.constexpr, PER_HEAD: tl.constexpr,
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """dq_p[m] = sum_r g[m, r] * C_p[sub_p(id[m, r])]: a gather of the selected sub-keys."""
+    """dq_p[m] = sum_r g[m, r] * C_p[sub_p(id[m, r])] (a gather of the selected sub-keys), and
+    what the keys kernel needs per selection (p, m, h, r), flat p * MHK + (m*H + h)*K + r:
+    rows [2, M, H, K] (int16 or int32), the dC row (set * 2 + p) * n + sub-key (set = h with
+    per-head keys, else 0), the sort key; gsum [2, M, H, K] fp32, the sum of g over the
+    selections r' of the same (m, h) with the same half-p sub-key. Only the first of those
+    (lowest r) keeps its row and gsum; the others get the row NUM_ROWS (sorted past every
+    segment) and 0, and are not gathered here. With k = 16 of 16 candidates a (m, h) picks
+    ~7 distinct sub-keys per half, so the keys kernel walks ~2.3x fewer selections (H200,
+    paper config, T = 4096: 56 -> 22 us; bench/NOTES.md)."""
     DH: tl.constexpr = DK // 2
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -453,68 +461,41 @@ def pk_topk_bwd_query_kernel(
     offs_k = tl.arange(0, K_PAD)
     offs_d = tl.arange(0, DH_PAD)
     k_mask = m_mask[:, None] & (offs_k[None, :] < K)  # [BLOCK_M, K_PAD]
-    g = tl.load(dscores_ptr + row[:, None] * K + offs_k[None, :], mask=k_mask, other=0.0)  # [BLOCK_M, K_PAD]
-    e = tl.load(ids_ptr + row[:, None] * K + offs_k[None, :], mask=k_mask, other=0)
-    if PER_HEAD:
-        kbase = keys_ptr + h.to(tl.int64) * (2 * n * DH)
-    else:
-        kbase = keys_ptr
-    mask3 = k_mask[:, :, None] & (offs_d < DH)[None, None, :]
-    for p in tl.static_range(2):
-        if p == 0:
-            sub = e // n
-        else:
-            sub = e % n
-        c = tl.load(kbase + p * n * DH + sub[:, :, None] * DH + offs_d[None, None, :], mask=mask3, other=0.0)
-        dq = tl.sum(g[:, :, None] * c.to(tl.float32), axis=1)  # [BLOCK_M, DH_PAD]
-        tl.store(dq_ptr + row[:, None] * DK + p * DH + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & (offs_d < DH)[None, :])
-
-
-@triton.jit
-def pk_topk_bwd_rows_kernel(
-    dscores_ptr, ids_ptr, rows_ptr, gsum_ptr,
-    MH, n, H, MHK, NUM_ROWS,
-    PER_HEAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """What the keys kernel needs, per selection (p, m, h, r), flat p * MHK + (m*H + h)*K + r:
-    rows [2, M, H, K] (int16 or int32), the dC row (set * 2 + p) * n + sub-key (set = h
-    with per-head keys, else 0), the sort key; gsum [2, M, H, K] fp32, the sum of g over the
-    selections r' of the same (m, h) with the same half-p sub-key. Only the first of those
-    (lowest r) keeps its row and gsum; the others get the row NUM_ROWS (sorted past every
-    segment) and 0. With k = 16 of 16 candidates a (m, h) picks ~7 distinct sub-keys per
-    half, so the keys kernel walks ~2.3x fewer selections (H200, T = 4096: 56 -> 22 us)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (m * H + h)
-    m_mask = offs_m < MH
-    offs_k = tl.arange(0, K_PAD)
-    k_mask = m_mask[:, None] & (offs_k[None, :] < K)  # [BLOCK_M, K_PAD]
-    sel = offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
-    g = tl.load(dscores_ptr + sel, mask=k_mask, other=0.0)
+    sel = row[:, None] * K + offs_k[None, :]
+    g = tl.load(dscores_ptr + sel, mask=k_mask, other=0.0)  # [BLOCK_M, K_PAD]
     e = tl.load(ids_ptr + sel, mask=k_mask, other=0)
     if PER_HEAD:
-        kset = offs_m % H
+        kbase = keys_ptr + h.to(tl.int64) * (2 * n * DH)
+        kset = h
     else:
-        kset = offs_m * 0
+        kbase = keys_ptr
+        kset = 0
     for p in tl.static_range(2):
         if p == 0:
             sub = (e // n).to(tl.int32)
         else:
             sub = (e % n).to(tl.int32)
-        row = (kset[:, None] * 2 + p) * n + sub
+        key = (kset * 2 + p) * n + sub
         ptrs = rows_ptr + p * MHK + sel
-        tl.store(ptrs, row.to(rows_ptr.dtype.element_ty), mask=k_mask)
+        tl.store(ptrs, key.to(rows_ptr.dtype.element_ty), mask=k_mask)
         tl.debug_barrier()  # (the columns below are read back by other threads of the program)
         gsum = g
         first = k_mask
         for r2 in tl.static_range(K):  # compare every selection with selection r2 of its (m, h)
-            row2 = tl.load(rows_ptr + p * MHK + offs_m.to(tl.int64) * K + r2, mask=m_mask, other=-1).to(tl.int32)
-            g2 = tl.load(dscores_ptr + offs_m.to(tl.int64) * K + r2, mask=m_mask, other=0.0)
-            same = row2[:, None] == row
+            key2 = tl.load(rows_ptr + p * MHK + row * K + r2, mask=m_mask, other=-1).to(tl.int32)
+            g2 = tl.load(dscores_ptr + row * K + r2, mask=m_mask, other=0.0)
+            same = key2[:, None] == key
             first = first & ~(same & (offs_k[None, :] > r2))
             gsum += tl.where(same & (offs_k[None, :] < r2), g2[:, None], 0.0)
+        gsum = tl.where(first, gsum, 0.0)
         tl.debug_barrier()
-        tl.store(ptrs, tl.where(first, row, NUM_ROWS).to(rows_ptr.dtype.element_ty), mask=k_mask)
-        tl.store(gsum_ptr + p * MHK + sel, tl.where(first, gsum, 0.0), mask=k_mask)
+        tl.store(ptrs, tl.where(first, key, NUM_ROWS).to(rows_ptr.dtype.element_ty), mask=k_mask)
+        tl.store(gsum_ptr + p * MHK + sel, gsum, mask=k_mask)
+        c = tl.load(kbase + p * n * DH + sub[:, :, None].to(tl.int64) * DH + offs_d[None, None, :],
+                    mask=first[:, :, None] & (offs_d < DH)[None, None, :], other=0.0)
+        dq = tl.sum(gsum[:, :, None] * c.to(tl.float32), axis=1)  # [BLOCK_M, DH_PAD]
+        tl.store(dq_ptr + row[:, None] * DK + p * DH + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & (offs_d < DH)[None, :])
 
 
 @triton.jit
@@ -523,7 +504,7 @@ def pk_topk_bwd_keys_kernel(
     num_rows, MHK,
     DK: tl.constexpr, DH_PAD: tl.constexpr, K: tl.constexpr, ROWS: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """dC[row] = sum over the selections that use sub-key row `row` of gsum * q_p (the rows
+    """dC[row] = sum over the selections that use sub-key row `row` of gsum * q_p (the query
     kernel's per-(m, h) sums: each (m, h) adds once per sub-key), one program per ROWS rows of dC viewed as [num_rows, DH] (row = (set * 2 + p) * n + c), each row written
     once (zeros where unused). The selections (p, m, h, r), flat p * MHK + (m*H + h)*K + r,
     come sorted by row (order, CSR offsets: stable, so a fixed summation order). The ROWS

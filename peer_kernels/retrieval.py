@@ -100,9 +100,10 @@ def _launch_fwd(query: torch.Tensor, sub_keys: torch.Tensor, k: int, candidates:
 
 def _bwd_keys_config() -> dict:
     """Launch config of pk_topk_bwd_keys_kernel: ROWS rows of dC side by side per program,
-    BLOCK_J selections of each per step. H200, paper config, T = 4096 / 16384: 56 / 226 us
-    (ROWS, BLOCK_J = 16, 16: 57 / 240; 32, 16: 79 / 327; 8, 16: 148 / 560; 16 rows with 8
-    warps 189 / 748; the old loop over one row at a time 91 / 354; bench/NOTES.md)."""
+    BLOCK_J selections of each per step. H200, paper config (repeats merged by the query
+    kernel), T = 4096 / 16384: 22 / 85 us (ROWS, BLOCK_J = 16, 32: 24 / 85; 16, 8: 25 / 110;
+    32, 8: 30 / 131; without the merging 16, 16: 57 / 240, 8, 16: 148 / 560, 16 rows with 8
+    warps: 189 / 748; the old loop over one row at a time 91 / 354; bench/NOTES.md)."""
     return dict(ROWS=16, BLOCK_J=16, num_warps=4)
 
 
@@ -120,11 +121,6 @@ def _launch_bwd(grad_scores, query, sub_keys, ids):
     num_sets = heads if per_head else 1
     if m == 0:
         return dq.reshape(query.shape), torch.zeros_like(sub_keys)
-    block_m = 16
-    kernels.pk_topk_bwd_query_kernel[(triton.cdiv(m, block_m), heads)](
-        g, e, sub_keys, dq, m, n, heads,
-        DK=dk, DH_PAD=dh_pad, PER_HEAD=per_head, K=k, K_PAD=_pow2(k, 2), BLOCK_M=block_m, num_warps=4,
-    )
     # dC: the selections sorted by the dC row they add to (row = (set * 2 + p) * n + sub-key;
     # a (m, h)'s repeats of a sub-key merged into its first, the rest sent to row num_rows;
     # 16-bit keys when they fit: the radix sort makes half the passes), then one program per
@@ -133,9 +129,10 @@ def _launch_bwd(grad_scores, query, sub_keys, ids):
     narrow = num_rows < 2**15
     rows = torch.empty((2, m, heads, k), device=e.device, dtype=torch.int16 if narrow else torch.int32)
     gsum = torch.empty((2, m, heads, k), device=e.device, dtype=torch.float32)
-    kernels.pk_topk_bwd_rows_kernel[(triton.cdiv(m * heads, 32),)](
-        g, e, rows, gsum, m * heads, n, heads, m * heads * k, num_rows,
-        PER_HEAD=per_head, K=k, K_PAD=_pow2(k, 2), BLOCK_M=32, num_warps=4,
+    block_m = 16
+    kernels.pk_topk_bwd_query_kernel[(triton.cdiv(m, block_m), heads)](
+        g, e, sub_keys, dq, rows, gsum, m, n, heads, m * heads * k, num_rows,
+        DK=dk, DH_PAD=dh_pad, PER_HEAD=per_head, K=k, K_PAD=_pow2(k, 2), BLOCK_M=block_m, num_warps=4,
     )
     order, offsets, _ = sorted_segments(rows, num_rows + 1, narrow_ids=narrow)
     dkeys = torch.empty(sub_keys.shape, device=sub_keys.device, dtype=sub_keys.dtype)
