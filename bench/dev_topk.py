@@ -1,6 +1,7 @@
 """Development: the retrieval forward kernel at the paper config (T=4096, H=8, n=1024,
 Dk=128, k=16, bf16): launch configs, the time split (scores vs selection) and the
-fallback path; see bench/NOTES.md. GPU only."""
+fallback path; the backward's kernels (GPU time per kernel, keys-kernel launch configs).
+See bench/NOTES.md. GPU only."""
 import os, sys, torch, triton
 import triton.language as tl
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,6 +46,19 @@ def cpu_us(f):
     return harness.host_ms(f, 50) * 1e3
 
 
+def kernel_us(f, calls=20):
+    """GPU time per call of each kernel that f launches (torch.profiler), in us."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(3):
+        f()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            f()
+        torch.cuda.synchronize()
+    return {e.key[:40]: round(e.device_time_total / calls, 2) for e in prof.key_averages() if e.device_time_total > 0}
+
+
 def with_config(**over):
     """_fwd_config with some entries replaced (the dev variants)."""
     return lambda *args, **kw: dict(base(*args, **kw), **over)
@@ -53,6 +67,7 @@ def with_config(**over):
 torch.manual_seed(0)
 H, n, dk, k = 8, 1024, 128, 16
 base = R._fwd_config
+base_keys = R._bwd_keys_config
 for T in (4096, 16384):
     q = torch.randn(T, H, dk, device="cuda", dtype=torch.bfloat16)
     keys = torch.randn(H, 2, n, dk // 2, device="cuda", dtype=torch.bfloat16)
@@ -89,8 +104,15 @@ for T in (4096, 16384):
     gs = torch.randn_like(s)
     print(f"T={T} backward launcher (dq kernel + sort + dC kernel): {ms(lambda: R._launch_bwd(gs, q, keys, ids)):.4f} ms, "
           f"CPU {cpu_us(lambda: R._launch_bwd(gs, q, keys, ids)):.0f} us", flush=True)
+    print(f"T={T} backward kernels, us per call: {kernel_us(lambda: R._launch_bwd(gs, q, keys, ids))}", flush=True)
+    # keys kernel launch configs (measured 2026-11-30, bench/NOTES.md "Seventh session")
+    for cfg in ((16, 16, 4), (16, 32, 4), (16, 8, 4), (32, 8, 4)) if T == 4096 else ():
+        R._bwd_keys_config = lambda: dict(ROWS=cfg[0], BLOCK_J=cfg[1], num_warps=cfg[2])
+        times = kernel_us(lambda: R._launch_bwd(gs, q, keys, ids))
+        print(f"T={T} keys kernel ROWS, BLOCK_J, warps = {cfg}: {times.get('pk_topk_bwd_keys_kernel')} us", flush=True)
+    R._bwd_keys_config = base_keys
     rows = ((torch.arange(H, device="cuda").view(1, 1, H, 1) * 2 + torch.arange(2, device="cuda").view(2, 1, 1, 1)) * n
-            + torch.stack((ids // n, ids % n))).to(torch.int32)  # as the dq kernel writes them
+            + torch.stack((ids // n, ids % n))).to(torch.int32)  # every selection (the dq kernel merges repeats)
     print(f"T={T} sorted_segments of the {rows.numel()} selections: "
           f"{ms(lambda: sorted_segments(rows, H * 2 * n)):.4f} ms", flush=True)
     if T == 4096:

@@ -28,10 +28,12 @@ Speed and what was tried: bench/NOTES.md.
 The forward is deterministic: the atomics of 16-row programs only pick slots.
 
 Backward (both deterministic, no atomics):
-  `pk_topk_bwd_query_kernel`: dq_p[m] = sum_r g[m, r] * C_p[sub_p(id[m, r])], a gather.
+  `pk_topk_bwd_query_kernel`: dq_p[m] = sum_r g[m, r] * C_p[sub_p(id[m, r])], a gather; it
+  also writes the sort key (dC row) of each selection, with a (token, head)'s repeats of a
+  sub-key merged into the first (summed g), the rest sent past every segment.
   `pk_topk_bwd_keys_kernel`: dC_p[c] = sum of g[m, r] * q_p[m] over the selections whose
   half-p sub-key is c: a segmented sum over the selections sorted by sub-key row (as the
-  expert tables' backward), one program owning each row of dC.
+  expert tables' backward), each program owning 16 rows of dC, summed side by side.
 """
 import triton
 import triton.language as tl
