@@ -233,6 +233,35 @@ def test_backward_half(dtype, device):
         assert err < 1e-2, err
 
 
+@pytest.mark.parametrize("n", [2048, 40])
+def test_backward_repeated_sub_keys_and_wide_rows(n, device):
+    """The backward on given ids (no forward): each (token, head) repeats its half-1 sub-keys
+    (the dq kernel merges the repeats before the sort) and, at H = 8, n = 2048, has
+    H * 2 * n = 2^15 dC rows, past the 16-bit sort keys (int32 keys then). Against autograd
+    through the score formula, fp32; deterministic."""
+    from peer_kernels import retrieval as R
+
+    gen = torch.Generator().manual_seed(5)
+    m, heads, dk, k = 3, 8, 16, 12
+    q = torch.randn(m, heads, dk, generator=gen)
+    keys = torch.randn(heads, 2, n, dk // 2, generator=gen)
+    i1 = torch.randint(0, 3, (m, heads, k), generator=gen)  # 3 distinct half-1 sub-keys per row
+    i2 = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(m * heads)]).view(m, heads, k)
+    ids = i1 * n + i2  # distinct ids per (token, head), as the forward gives
+    g = torch.randn(m, heads, k, generator=gen)
+    q, keys, ids, g = (t.to(device) for t in (q, keys, ids, g))
+    dq, dkeys = R._launch_bwd(g, q, keys, ids)
+    qr, kr = q.clone().requires_grad_(), keys.clone().requires_grad_()
+    h = torch.arange(heads, device=device)[None, :, None]
+    s = ((qr[..., None, : dk // 2] * kr[h, 0, ids // n]).sum(-1)
+         + (qr[..., None, dk // 2:] * kr[h, 1, ids % n]).sum(-1))
+    dq_ref, dkeys_ref = torch.autograd.grad(s, (qr, kr), g)
+    torch.testing.assert_close(dq, dq_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dkeys, dkeys_ref, atol=1e-5, rtol=1e-5)
+    dq2, dkeys2 = R._launch_bwd(g, q, keys, ids)
+    assert torch.equal(dq, dq2) and torch.equal(dkeys, dkeys2)
+
+
 def test_reference_search_is_exact_against_brute_force():
     torch.manual_seed(5)
     for shared in (False, True):
