@@ -2,16 +2,15 @@
 their registered torch ops with autograd, and the public function.
 
 Chain: peer_experts_fwd_kernel -> _launch_fwd -> peer_kernels::peer_experts (custom op,
-backward peer_kernels::peer_experts_backward -> peer_experts_bwd_*_kernel)
--> peer_experts() -> PEER.
+backward peer_kernels::peer_experts_backward -> peer_experts_bwd_*_kernel; in eager mode the
+same bodies through an autograd.Function, eager.py) -> peer_experts() -> PEER.
 """
 from __future__ import annotations
 
 import torch
-import triton
 
 from . import reference
-from .checks import check_expert_args, check_index_range, resolve_backend
+from .checks import cdiv, check_expert_args, check_index_range, next_pow2, resolve_backend
 from .csrc_triton.activations import ACT_CODES
 from .csrc_triton.peer_experts_bwd import (
     peer_experts_bwd_chunks_kernel,
@@ -21,6 +20,7 @@ from .csrc_triton.peer_experts_bwd import (
 )
 from .csrc_triton.index_check import expert_ids_in_range_kernel
 from .csrc_triton.peer_experts_fwd import peer_experts_fwd_kernel
+from .eager import eager_function, use_registered_op
 from .segments import sorted_segments
 
 __all__ = ["peer_experts", "BACKWARD_MODES", "VALIDATE_MODES"]
@@ -53,12 +53,12 @@ def _check_ids(idx: torch.Tensor, num_rows: int, mode: str) -> None:
         check_index_range(idx, num_rows)
     elif mode == "async" and idx.numel() > 0:
         block = 1024
-        expert_ids_in_range_kernel[(triton.cdiv(idx.numel(), block),)](idx, idx.numel(), num_rows, BLOCK=block)
+        expert_ids_in_range_kernel[(cdiv(idx.numel(), block),)](idx, idx.numel(), num_rows, BLOCK=block)
 
 
 def _tile_config(d: int):
     """(D_PAD, BLOCK_S, num_warps): about 8K elements per gathered tile."""
-    d_pad = max(16, triton.next_power_of_2(d))
+    d_pad = max(16, next_pow2(d))
     block_s = max(1, min(16, 8192 // d_pad))
     num_warps = 4 if d_pad <= 1024 else 8
     return d_pad, block_s, num_warps
@@ -151,7 +151,7 @@ def _launch_bwd(dy, x, idx, gates, down, up, pre, activation, mode):
     chunk = LONG_ROW_CHUNK
     # the long rows (hot experts) on a side stream: partials [chunks, first/last row, 2 tables, D]
     # fp32 summed CHUNK occurrences per program, then added per row in chunk order
-    part = torch.empty((triton.cdiv(occurrences, chunk), 2, 2, d), device=x.device, dtype=torch.float32)
+    part = torch.empty((cdiv(occurrences, chunk), 2, 2, d), device=x.device, dtype=torch.float32)
 
     def long_rows():
         if occurrences > 0:
@@ -164,7 +164,7 @@ def _launch_bwd(dy, x, idx, gates, down, up, pre, activation, mode):
             )
 
     def other_rows():
-        peer_experts_bwd_tables_kernel[(triton.cdiv(n_rows, TABLES_ROWS),)](
+        peer_experts_bwd_tables_kernel[(cdiv(n_rows, TABLES_ROWS),)](
             order, offsets, x, dy, dh, coef, ddown, dup, n_rows,
             D=d, D_PAD=d_pad, HK=hk, ROWS=TABLES_ROWS, BLOCK_J=TABLES_BLOCK_J, CHUNK=chunk, num_warps=warps,
         )
@@ -175,9 +175,8 @@ def _launch_bwd(dy, x, idx, gates, down, up, pre, activation, mode):
 
 # ---- registered ops ---------------------------------------------------------------
 
-@torch.library.custom_op("peer_kernels::peer_experts", mutates_args=())
-def _experts_op(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
-                activation: str, backward_mode: str, validate: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _experts_fwd(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+                 activation: str, backward_mode: str, validate: str) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, D], indices/gates [T, HK] -> (y [T, D], pre-activations [T, HK] fp32).
     validate: one of VALIDATE_MODES (see peer_experts)."""
     indices = indices.contiguous()
@@ -185,17 +184,22 @@ def _experts_op(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, dow
     return _launch_fwd(x.contiguous(), indices, gates.contiguous(), down.contiguous(), up.contiguous(), activation)
 
 
+_experts_op = torch.library.custom_op("peer_kernels::peer_experts", mutates_args=())(_experts_fwd)
+
+
 @_experts_op.register_fake
 def _(x, indices, gates, down, up, activation, backward_mode, validate):
     return torch.empty_like(x), x.new_empty(indices.shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("peer_kernels::peer_experts_backward", mutates_args=())
-def _experts_bwd_op(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor,
-                    down: torch.Tensor, up: torch.Tensor, pre: torch.Tensor, activation: str,
-                    backward_mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _experts_bwd(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor,
+                 down: torch.Tensor, up: torch.Tensor, pre: torch.Tensor, activation: str,
+                 backward_mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _launch_bwd(dy.contiguous(), x.contiguous(), indices.contiguous(), gates.contiguous(),
                        down.contiguous(), up.contiguous(), pre.contiguous(), activation, backward_mode)
+
+
+_experts_bwd_op = torch.library.custom_op("peer_kernels::peer_experts_backward", mutates_args=())(_experts_bwd)
 
 
 @_experts_bwd_op.register_fake
@@ -211,14 +215,16 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx, dy, _dpre):
-    x, indices, gates, down, up, pre = ctx.saved_tensors
-    dx, dgates, ddown, dup = _experts_bwd_op(dy, x, indices, gates, down, up, pre, ctx.activation,
-                                             ctx.backward_mode)
-    return dx, None, dgates, ddown, dup, None, None, None
+def _backward_by(bwd):
+    def backward(ctx, dy, _dpre):
+        x, indices, gates, down, up, pre = ctx.saved_tensors
+        dx, dgates, ddown, dup = bwd(dy, x, indices, gates, down, up, pre, ctx.activation, ctx.backward_mode)
+        return dx, None, dgates, ddown, dup, None, None, None
+    return backward
 
 
-_experts_op.register_autograd(_backward, setup_context=_setup_context)
+_experts_op.register_autograd(_backward_by(_experts_bwd_op), setup_context=_setup_context)
+_experts_eager = eager_function(_experts_fwd, _setup_context, _backward_by(_experts_bwd))  # eager.py
 
 
 # ---- public function --------------------------------------------------------------
@@ -276,6 +282,6 @@ def peer_experts(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, do
         return reference.peer_experts(x, indices, gates, down, up, activation)
     lead = x.shape[:-1]
     hk = indices.shape[-2] * indices.shape[-1]
-    y, _ = _experts_op(x.reshape(-1, x.shape[-1]), indices.reshape(-1, hk), gates.reshape(-1, hk), down, up,
-                       activation, mode, vmode)
+    op = _experts_op if use_registered_op(x, indices, gates, down, up) else _experts_eager
+    y, _ = op(x.reshape(-1, x.shape[-1]), indices.reshape(-1, hk), gates.reshape(-1, hk), down, up, activation, mode, vmode)
     return y.reshape(*lead, x.shape[-1])

@@ -2,16 +2,17 @@
 their registered torch ops with autograd, and the public function.
 
 Chain: pk_topk_fwd_kernel -> _launch_fwd -> peer_kernels::product_key_topk (custom op,
-backward peer_kernels::product_key_topk_backward) -> product_key_topk() -> PEER.
+backward peer_kernels::product_key_topk_backward; in eager mode the same bodies through an
+autograd.Function, eager.py) -> product_key_topk() -> PEER.
 """
 from __future__ import annotations
 
 import torch
-import triton
 
 from . import reference
-from .checks import check_product_key_args, interpreting, resolve_backend
+from .checks import cdiv, check_product_key_args, interpreting, next_pow2, resolve_backend
 from .csrc_triton import product_key_topk as kernels
+from .eager import eager_function, use_registered_op
 from .segments import sorted_segments
 
 __all__ = ["product_key_topk"]
@@ -20,7 +21,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def _pow2(x: int, lo: int = 1) -> int:
-    return max(lo, triton.next_power_of_2(x))
+    return max(lo, next_pow2(x))
 
 
 def _dot_config(query: torch.Tensor, sub_keys: torch.Tensor):
@@ -70,7 +71,7 @@ def _many_rows(device: torch.device, m: int, heads: int) -> bool:
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SMS:
         _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return triton.cdiv(m, 64) * heads >= 0.75 * _SMS[idx]
+    return cdiv(m, 64) * heads >= 0.75 * _SMS[idx]
 
 
 def _launch_fwd(query: torch.Tensor, sub_keys: torch.Tensor, k: int, candidates: int):
@@ -84,7 +85,7 @@ def _launch_fwd(query: torch.Tensor, sub_keys: torch.Tensor, k: int, candidates:
         kp = _pow2(candidates, 2)
         upcast, precision = _dot_config(query, sub_keys)
         cfg = _fwd_config(n, kp, dk // 2, upcast, _many_rows(query.device, m, heads))
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]), heads)
+        grid = (cdiv(m, cfg["BLOCK_M"]), heads)
         # per row: CAP survivor slots (reused by the second half), then
         # the int32 survivor counters of both halves (16-row programs)
         scratch = torch.empty(grid[0] * heads * cfg["BLOCK_M"] * (cfg["CAP"] + 2), device=query.device, dtype=torch.int64)
@@ -130,14 +131,14 @@ def _launch_bwd(grad_scores, query, sub_keys, ids):
     rows = torch.empty((2, m, heads, k), device=e.device, dtype=torch.int16 if narrow else torch.int32)
     gsum = torch.empty((2, m, heads, k), device=e.device, dtype=torch.float32)
     block_m = 16
-    kernels.pk_topk_bwd_query_kernel[(triton.cdiv(m, block_m), heads)](
+    kernels.pk_topk_bwd_query_kernel[(cdiv(m, block_m), heads)](
         g, e, sub_keys, dq, rows, gsum, m, n, heads, m * heads * k, num_rows,
         DK=dk, DH_PAD=dh_pad, PER_HEAD=per_head, K=k, K_PAD=_pow2(k, 2), BLOCK_M=block_m, num_warps=4,
     )
     order, offsets, _ = sorted_segments(rows, num_rows + 1, narrow_ids=narrow)
     dkeys = torch.empty(sub_keys.shape, device=sub_keys.device, dtype=sub_keys.dtype)
     cfg = _bwd_keys_config()
-    kernels.pk_topk_bwd_keys_kernel[(triton.cdiv(num_rows, cfg["ROWS"]),)](
+    kernels.pk_topk_bwd_keys_kernel[(cdiv(num_rows, cfg["ROWS"]),)](
         order, offsets, gsum, q, dkeys, num_rows, m * heads * k, DK=dk, DH_PAD=dh_pad, K=k, **cfg,
     )
     return dq.reshape(query.shape), dkeys
@@ -145,9 +146,11 @@ def _launch_bwd(grad_scores, query, sub_keys, ids):
 
 # ---- registered ops ---------------------------------------------------------------
 
-@torch.library.custom_op("peer_kernels::product_key_topk", mutates_args=())
-def _pk_topk_op(query: torch.Tensor, sub_keys: torch.Tensor, k: int, candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk_fwd(query: torch.Tensor, sub_keys: torch.Tensor, k: int, candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch_fwd(query.contiguous(), sub_keys.contiguous(), k, candidates)
+
+
+_pk_topk_op = torch.library.custom_op("peer_kernels::product_key_topk", mutates_args=())(_topk_fwd)
 
 
 @_pk_topk_op.register_fake
@@ -156,10 +159,12 @@ def _(query, sub_keys, k, candidates):
     return query.new_empty(shape, dtype=torch.float32), query.new_empty(shape, dtype=torch.int64)
 
 
-@torch.library.custom_op("peer_kernels::product_key_topk_backward", mutates_args=())
-def _pk_topk_bwd_op(grad_scores: torch.Tensor, query: torch.Tensor, sub_keys: torch.Tensor,
-                    ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk_bwd(grad_scores: torch.Tensor, query: torch.Tensor, sub_keys: torch.Tensor,
+              ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch_bwd(grad_scores.contiguous(), query.contiguous(), sub_keys.contiguous(), ids.contiguous())
+
+
+_pk_topk_bwd_op = torch.library.custom_op("peer_kernels::product_key_topk_backward", mutates_args=())(_topk_bwd)
 
 
 @_pk_topk_bwd_op.register_fake
@@ -173,15 +178,18 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx, grad_scores, _grad_ids):
-    query, sub_keys, ids = ctx.saved_tensors
-    if grad_scores is None:
-        return None, None, None, None
-    dq, dkeys = _pk_topk_bwd_op(grad_scores, query, sub_keys, ids)
-    return dq, dkeys, None, None
+def _backward_by(bwd):
+    def backward(ctx, grad_scores, _grad_ids):
+        query, sub_keys, ids = ctx.saved_tensors
+        if grad_scores is None:
+            return None, None, None, None
+        dq, dkeys = bwd(grad_scores, query, sub_keys, ids)
+        return dq, dkeys, None, None
+    return backward
 
 
-_pk_topk_op.register_autograd(_backward, setup_context=_setup_context)
+_pk_topk_op.register_autograd(_backward_by(_pk_topk_bwd_op), setup_context=_setup_context)
+_pk_topk_eager = eager_function(_topk_fwd, _setup_context, _backward_by(_topk_bwd))  # eager.py
 
 
 # ---- public function --------------------------------------------------------------
@@ -208,4 +216,5 @@ def product_key_topk(query: torch.Tensor, sub_keys: torch.Tensor, k: int, *, can
     kernel_ok = query.dtype != torch.float64 and sub_keys.dtype != torch.float64
     if resolve_backend(backend, query.device, kernel_ok) == "torch":
         return reference.product_key_topk(query, sub_keys, k, candidates)
-    return _pk_topk_op(query, sub_keys, k, candidates)
+    op = _pk_topk_op if use_registered_op(query, sub_keys) else _pk_topk_eager
+    return op(query, sub_keys, k, candidates)

@@ -6,8 +6,8 @@ backward (retrieval.py); the CSR kernel is csrc_triton/segments.py.
 from __future__ import annotations
 
 import torch
-import triton
 
+from .checks import cdiv
 from .csrc_triton.segments import csr_offsets_kernel
 
 
@@ -26,7 +26,7 @@ def sorted_segments(rows: torch.Tensor, num_rows: int, narrow_ids: bool = False)
     ids, order = torch.sort(flat, stable=True)
     offsets = torch.empty(num_rows + 1, device=rows.device, dtype=torch.int64)
     block = 1024
-    csr_offsets_kernel[(triton.cdiv(num_rows + 1, block),)](
+    csr_offsets_kernel[(cdiv(num_rows + 1, block),)](
         ids, offsets, ids.numel(), num_rows, STEPS=max(1, ids.numel().bit_length()), BLOCK=block, num_warps=4,
     )
     return order, offsets, ids
