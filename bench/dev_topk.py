@@ -113,8 +113,8 @@ for T in (4096, 16384):
     R._bwd_keys_config = base_keys
     rows = ((torch.arange(H, device="cuda").view(1, 1, H, 1) * 2 + torch.arange(2, device="cuda").view(2, 1, 1, 1)) * n
             + torch.stack((ids // n, ids % n))).to(torch.int32)  # every selection (the dq kernel merges repeats)
-    print(f"T={T} sorted_segments of the {rows.numel()} selections: "
-          f"{ms(lambda: sorted_segments(rows, H * 2 * n)):.4f} ms", flush=True)
+    print(f"T={T} sorted_segments of the {rows.numel()} selections (16-bit keys, as the launcher): "
+          f"{ms(lambda: sorted_segments(rows, H * 2 * n, narrow_ids=True)):.4f} ms", flush=True)
     if T == 4096:
         dk2 = torch.zeros(2, H * n, dk // 2, device="cuda")
         def torch_dkeys():

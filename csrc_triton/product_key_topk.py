@@ -507,12 +507,13 @@ def pk_topk_bwd_keys_kernel(
     DK: tl.constexpr, DH_PAD: tl.constexpr, K: tl.constexpr, ROWS: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     """dC[row] = sum over the selections that use sub-key row `row` of gsum * q_p (the query
-    kernel's per-(m, h) sums: each (m, h) adds once per sub-key), one program per ROWS rows of dC viewed as [num_rows, DH] (row = (set * 2 + p) * n + c), each row written
-    once (zeros where unused). The selections (p, m, h, r), flat p * MHK + (m*H + h)*K + r,
-    come sorted by row (order, CSR offsets: stable, so a fixed summation order). The ROWS
-    rows are summed side by side, BLOCK_J selections of each per step, so that
-    ROWS * BLOCK_J gathers of q are in flight together (one row at a time took 0.091 ms at
-    the paper config, T = 4096: latency-bound; bench/NOTES.md)."""
+    kernel's per-(m, h) sums: each (m, h) adds once per sub-key), one program per ROWS rows
+    of dC viewed as [num_rows, DH] (row = (set * 2 + p) * n + c), each row written once
+    (zeros where unused). The selections (p, m, h, r), flat p * MHK + (m*H + h)*K + r, come
+    sorted by row (order, CSR offsets: stable, so a fixed summation order). The ROWS rows
+    are summed side by side, BLOCK_J selections of each per step, so that ROWS * BLOCK_J
+    gathers of q are in flight together (one row at a time took 0.091 ms at the paper
+    config, T = 4096: latency-bound; bench/NOTES.md)."""
     DH: tl.constexpr = DK // 2
     offs_d = tl.arange(0, DH_PAD)
     d_mask = offs_d < DH
