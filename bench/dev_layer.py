@@ -20,20 +20,6 @@ tag = sys.argv[2] if len(sys.argv) > 2 else "this checkout"
 torch.manual_seed(0)
 
 
-def graphed(f):
-    """f captured in a CUDA graph (after warm-up on a side stream): its replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        f()
-    return g
-
-
 for T in (4096, 1024):
     D = 1024
     layer = pk.PEER(D, num_experts=1024**2, heads=8, k=16, dim_key=128, device="cuda", dtype=torch.bfloat16)
@@ -54,7 +40,7 @@ for T in (4096, 1024):
     for name, f in (("fwd", fwd), ("fwd+bwd", step)):
         out[name] = do_bench(f, warmup=5, rep=200, return_mode="median")
         out[name + " cpu"] = harness.host_ms(f)
-        g = graphed(f)
+        g = harness.graphed(f)
         out[name + " graph"] = do_bench(g.replay, warmup=5, rep=200, return_mode="median")
         del g
     print(tag, f"T={T}", " ".join(f"{k}={v:.3f}" for k, v in out.items()), flush=True)

@@ -99,6 +99,23 @@ def host_ms(fn, n: int = 20) -> float:
     return dt * 1e3
 
 
+
+def graphed(fn):
+    """fn captured in a CUDA graph (after a warm-up on a side stream); replay it with
+    .replay(): the GPU time of fn without its launch overhead (dev scripts)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
 def peak_extra_bytes(fn, device: str, clear=None, grad_bytes: int = 0) -> int | None:
     """Peak bytes allocated during fn() beyond the allocation before it, less grad_bytes
     (the gradients fn creates). `clear` runs first (drops old gradients). CUDA only."""
