@@ -99,7 +99,6 @@ def host_ms(fn, n: int = 20) -> float:
     return dt * 1e3
 
 
-
 def graphed(fn):
     """fn captured in a CUDA graph (after a warm-up on a side stream); replay it with
     .replay(): the GPU time of fn without its launch overhead (dev scripts)."""
@@ -115,6 +114,7 @@ def graphed(fn):
     with torch.cuda.graph(g):
         fn()
     return g
+
 
 def peak_extra_bytes(fn, device: str, clear=None, grad_bytes: int = 0) -> int | None:
     """Peak bytes allocated during fn() beyond the allocation before it, less grad_bytes

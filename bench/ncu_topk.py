@@ -21,8 +21,10 @@ memory / shuffles, long_sb = global or local memory, barrier = bar.sync).
 import collections
 import csv
 import os
-import re
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sass_topk import loops  # noqa: E402
 
 
 def run(T: int, force_64_rows: bool) -> None:
@@ -54,10 +56,8 @@ def split(path: str) -> None:
     total = sum(i[3] for i in ins) or 1
     print(f"{sum(i[2] for i in ins) / warps:.0f} instructions executed per warp, {total} samples")
     cuts = {0, ins[-1][0] + 16}
-    for off, text, *_ in ins:
-        m = re.search(r"BRA (0x[0-9a-f]+)", text)
-        if m and int(m.group(1), 16) - base < off:  # a loop: [target, branch]
-            cuts |= {int(m.group(1), 16) - base, off + 16}
+    for start, end in loops([(off + base, text) for off, text, *_ in ins]):
+        cuts |= {start - base, end - base + 16}  # a loop: [start, end]
     cuts = sorted(cuts)
     for lo, hi in zip(cuts, cuts[1:]):
         seg = [i for i in ins if lo <= i[0] < hi]
