@@ -12,7 +12,8 @@ import torch
 
 def eager_function(forward, setup_context, backward):
     """An autograd.Function.apply that runs forward(*inputs), then
-    setup_context(ctx, inputs, output) and, for the gradients, backward(ctx, *grads): a
+    setup_context(ctx, inputs, output) and, for the gradients, backward(ctx, *grads) (None for
+    an output without a gradient, as the registered ops' autograd may also pass): a
     custom op's body, its setup_context and a backward that calls the body of the backward
     op instead of the op (the registered backward must call the op: AOT tracers run it on
     fake tensors)."""
@@ -20,6 +21,9 @@ def eager_function(forward, setup_context, backward):
     class _Eager(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *inputs):
+            # no zero-filled gradients for the unused or non-differentiable outputs (ids, saved
+            # activations): a fill kernel and host time per backward; the backwards take None
+            ctx.set_materialize_grads(False)
             output = forward(*inputs)
             setup_context(ctx, inputs, output)
             return output

@@ -217,6 +217,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_by(bwd):
     def backward(ctx, dy, _dpre):
+        if dy is None:
+            return (None,) * 8
         x, indices, gates, down, up, pre = ctx.saved_tensors
         dx, dgates, ddown, dup = bwd(dy, x, indices, gates, down, up, pre, ctx.activation, ctx.backward_mode)
         return dx, None, dgates, ddown, dup, None, None, None
