@@ -145,6 +145,116 @@ def _kth_largest_bound(x, KP: tl.constexpr):
     return tl.max(x, axis=1)
 
 
+# ---- per-thread quad lists (64-row programs on a GPU, KP = 16) -------------------------------
+# In a 64 x 64 wgmma accumulator each thread holds parts of two rows (A, B = A + 8) and a row
+# spans the 4 threads of a quad. The two per-row selections below run as one inline-asm
+# block per thread on the thread's 8 values per row (sorted by a Batcher network), with the
+# quad's maximum by 2 butterfly shuffles per round, instead of rounds of tl.max over the row
+# (Triton's reductions: ~170-270 SASS instructions per round, bench/NOTES.md). Where the
+# registers sit is the compiler's choice, so each block also takes the row (and column) of
+# every element and checks the order it assumes, and the quad; on any mismatch it returns a
+# value that sends the block to the exact fallback (slow, never wrong).
+def _batcher_pairs(n: int):
+    """Compare-exchange pairs of Batcher's odd-even merge sort of n (a power of 2) values."""
+    pairs = []
+
+    def merge(lo, hi, r):
+        step = r * 2
+        if step < hi - lo:
+            merge(lo, hi, step)
+            merge(lo + r, hi, step)
+            pairs.extend((i, i + r) for i in range(lo + r, hi - r, step))
+        else:
+            pairs.append((lo, lo + r))
+
+    def sort(lo, hi):
+        if hi - lo >= 1:
+            mid = lo + (hi - lo) // 2
+            sort(lo, mid)
+            sort(mid + 1, hi)
+            merge(lo, hi, 1)
+
+    sort(0, n - 1)
+    return pairs
+
+
+def _quad_lists_asm(kind: str, rounds: int) -> str:
+    """PTX of one quad-lists block (16 elements per thread, see above).
+
+    kind "tau": operands $0-15 out fp32, $16-31 the group maxima [64, 32] (fp32), $32-47
+    their rows; assumed order A B A B ... Every output of a row = its quad maximum after
+    `rounds` rounds that each drop the quad's maximum head (every copy of it at the heads):
+    with rounds = KP - 1, at least KP group maxima are >= it (a lower bound of the KP-th
+    largest, as _kth_largest_bound). On a layout mismatch: +inf (no survivors: fallback).
+    kind "rank": $0-15 out int64, $16-31 the packed survivors [64, 32] (int64), $32-47 their
+    rows, $48-63 their columns; assumed order A A B B per 4 elements, thread t of a quad
+    holding columns 8j + 2t + {0, 1}. Rank r (< rounds) of a row goes to its element in
+    column r, the other columns get the minimum. On a mismatch: the maximum int64 (never a
+    packed value: its low word would be 2^32 - 1 > MAX_ID), which _half_topk checks."""
+    tau = kind == "tau"
+    b, cmp = (".b32", ".f32") if tau else (".b64", ".s64")
+    minv, bad = ("0fFF800000", "0f7F800000") if tau else ("0x8000000000000000", "0x7FFFFFFFFFFFFFFF")
+    val, row, col = 16, 32, 48
+
+    def slot(i):  # element i -> (list, position)
+        return ("xa", i // 2) if tau and i % 2 == 0 else ("xb", i // 2) if tau else \
+               ("xa" if (i // 2) % 2 == 0 else "xb", 2 * (i // 4) + i % 2)
+
+    lines = ["{", ".reg .pred p, w, ok;", ".reg .b32 lane, ra, rb, t, t0, t1;",
+             f".reg {b} xa<8>, xb<8>, m, o, h;", "mov.u32 lane, %laneid;", "and.b32 lane, lane, 3;"]
+    # the layout check: rows as assumed, two rows per thread, the same two in the quad
+    first = {x: next(i for i in range(16) if slot(i)[0] == x) for x in ("xa", "xb")}
+    lines += [f"mov.b32 ra, ${row + first['xa']};", f"mov.b32 rb, ${row + first['xb']};", "setp.ne.s32 ok, ra, rb;"]
+    for i in range(16):
+        lines.append(f"setp.eq.and.s32 ok, ${row + i}, {'ra' if slot(i)[0] == 'xa' else 'rb'}, ok;")
+    for r in ("ra", "rb"):
+        for d in (1, 2):
+            lines += [f"shfl.sync.bfly.b32 t, {r}, {d}, 0x1c1f, 0xffffffff;", f"setp.eq.and.s32 ok, t, {r}, ok;"]
+    if not tau:
+        lines.append("shl.b32 t0, lane, 1;")
+        for i in range(16):
+            lines += [f"sub.s32 t, ${col + i}, t0;", f"setp.eq.and.s32 ok, t, {8 * (i // 4) + i % 2}, ok;"]
+    for i in range(16):
+        x, k = slot(i)
+        lines.append(f"mov{b} {x}{k}, ${val + i};")
+        if not tau:
+            lines.append(f"mov{b} ${i}, {minv};")
+    for x in ("xa", "xb"):  # descending
+        for i, j in _batcher_pairs(8):
+            lines += [f"max{cmp} h, {x}{i}, {x}{j};", f"min{cmp} {x}{j}, {x}{i}, {x}{j};", f"mov{b} {x}{i}, h;"]
+
+    def quad_max(x):
+        out = [f"mov{b} m, {x}0;"]
+        for d in (1, 2):
+            if tau:
+                out += [f"shfl.sync.bfly.b32 o, m, {d}, 0x1c1f, 0xffffffff;"]
+            else:
+                out += ["mov.b64 {t0, t1}, m;", f"shfl.sync.bfly.b32 t0, t0, {d}, 0x1c1f, 0xffffffff;",
+                        f"shfl.sync.bfly.b32 t1, t1, {d}, 0x1c1f, 0xffffffff;", "mov.b64 o, {t0, t1};"]
+            out.append(f"max{cmp} m, m, o;")
+        return out
+
+    for r in range(rounds):
+        for x, off in (("xa", 0), ("xb", 2)):
+            lines += quad_max(x) + [f"setp.eq{cmp} w, {x}0, m;"]
+            lines += [f"@w mov{b} {x}{k}, {x}{k + 1};" for k in range(7)] + [f"@w mov{b} {x}7, {minv};"]
+            if not tau:  # rank r -> the element of column r
+                lines += [f"setp.eq.u32 p, lane, {(r % 8) // 2};", f"@p mov{b} ${4 * (r // 8) + off + r % 2}, m;"]
+    if tau:
+        for x in ("xa", "xb"):
+            lines += quad_max(x) + [f"mov{b} {'ra' if x == 'xa' else 'rb'}, m;"]
+        lines += [f"mov{b} ${i}, {'ra' if slot(i)[0] == 'xa' else 'rb'};" for i in range(16)]
+    lines += [f"@!ok mov{b} ${i}, {bad};" for i in range(16)] + ["}"]
+    return "\n".join(lines)
+
+
+TAU_ASM = tl.constexpr(_quad_lists_asm("tau", 15))
+TAU_CONS = tl.constexpr(",".join(["=f"] * 16 + ["f"] * 16 + ["r"] * 16))
+RANK_ASM = tl.constexpr(_quad_lists_asm("rank", 16))
+RANK_CONS = tl.constexpr(",".join(["=l"] * 16 + ["l"] * 16 + ["r"] * 32))
+LAYOUT_MISMATCH = tl.constexpr(9223372036854775807)  # what RANK_ASM returns on a layout mismatch
+
+
 @triton.jit
 def _rank_survivors(scr_row_ptr, cnt, tile, W: tl.constexpr, KP: tl.constexpr, IN_TILE: tl.constexpr):
     """Top-KP (packed, descending) of the first min(cnt, W) scratch entries of each row.
@@ -177,7 +287,13 @@ def _rank_survivors(scr_row_ptr, cnt, tile, W: tl.constexpr, KP: tl.constexpr, I
         used = slots < cnt[:, None]
         raw = tl.load(scr_row_ptr[:, None] + slots, mask=used, other=0)  # [BLOCK_M, W]: bits << 32 | low
     score = (raw >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    return _top_rounds(_pack_low(score, raw & 0xFFFFFFFF, used), KP)  # the low word is MAX_ID - id already
+    packed = _pack_low(score, raw & 0xFFFFFFFF, used)  # the low word is MAX_ID - id already
+    if IN_TILE and W == 32 and KP == 16:  # quad lists (above); the columns >= KP hold the minimum
+        rows = tl.arange(0, slots.shape[0])[:, None] + z
+        ranked = tl.inline_asm_elementwise(RANK_ASM, RANK_CONS, [packed, rows, slots], dtype=tl.int64, is_pure=True,
+                                           pack=16)
+        return tl.max(tl.reshape(ranked, (ranked.shape[0], W // KP, KP)), axis=1)
+    return _top_rounds(packed, KP)
 
 
 @triton.jit
@@ -292,7 +408,7 @@ def _half_topk(
     q_row_ptr, keys_ptr, scr_row_ptr, cnt_row_ptr, offs_m, m_mask, n,
     DH: tl.constexpr, DH_PAD: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, CAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, PREFIX_SLOTS: tl.constexpr, NATIVE: tl.constexpr,
+    PRECISION: tl.constexpr, PREFIX_SLOTS: tl.constexpr, NATIVE: tl.constexpr, FALLBACK: tl.constexpr,
 ):
     """Top-KP (packed, descending) of s = C q over all n sub-keys of one half.
 
@@ -304,8 +420,10 @@ def _half_topk(
     written to scratch (scr_row_ptr, CAP slots per row; cnt_row_ptr: the row's int32
     counter, used by 16-row programs) by `_survivors_by_prefix` (64 rows) or
     `_survivors_by_atomics` (16 rows), and ranked there.
-    If a row has more than CAP survivors (ties, adversarial data) or a NaN score, the
-    block falls back to KP rounds of row maxima per tile (slow, exact)."""
+    If a row has more than CAP survivors (ties, adversarial data) or a NaN score, or the
+    quad lists found another register layout than they assume, the block falls back to KP
+    rounds of row maxima per tile (slow, exact). FALLBACK=False skips the fallback (tests:
+    the fast path alone must be exact on random data)."""
     offs_d = tl.arange(0, DH_PAD)
     d_mask = offs_d < DH
     q = tl.load(q_row_ptr[:, None] + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
@@ -318,7 +436,13 @@ def _half_topk(
         g = tl.maximum(g, tl.where(n_mask[None, :], s, float("-inf")), propagate_nan=tl.PropagateNan.ALL)
     nan = tl.max((g != g).to(tl.int32), axis=1)  # [BLOCK_M]
     gm = tl.max(tl.reshape(g, (BLOCK_M, GROUPS, BLOCK_N // GROUPS)), axis=2)  # [BLOCK_M, GROUPS]
-    tau = _kth_largest_bound(gm, KP)  # [BLOCK_M]
+    QUAD: tl.constexpr = NATIVE and PREFIX_SLOTS and BLOCK_M == 64 and BLOCK_N == 64 and GROUPS == 32 and KP == 16
+    if QUAD:  # quad lists (above); +inf on a layout mismatch
+        rows = tl.broadcast_to(tl.arange(0, BLOCK_M)[:, None], gm.shape)
+        tau = tl.max(tl.inline_asm_elementwise(TAU_ASM, TAU_CONS, [gm, rows], dtype=tl.float32, is_pure=True, pack=16),
+                     axis=1)
+    else:
+        tau = _kth_largest_bound(gm, KP)  # [BLOCK_M]
     # pass B: the survivors s >= tau, appended to their row's scratch
     tau_m = tl.where(m_mask, tau, float("inf"))  # rows past M keep nothing (their s is 0 or NaN)
     if PREFIX_SLOTS:
@@ -339,8 +463,12 @@ def _half_topk(
     tl.debug_barrier()  # the other half reuses the scratch
     need = tl.minimum(n, KP)
     bad = tl.where(m_mask, (cnt > CAP) | (cnt < need), False) | (nan > 0)
-    if tl.max(bad.to(tl.int32), axis=0) > 0:
-        best = _half_topk_rounds(q, keys_ptr, n, offs_d, d_mask, DH, KP, BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION)
+    if QUAD:  # the ranking's layout check (a tau mismatch left no survivors: cnt < need)
+        bad = bad | (tl.max(best, axis=1) == LAYOUT_MISMATCH)
+    if FALLBACK:
+        if tl.max(bad.to(tl.int32), axis=0) > 0:
+            best = _half_topk_rounds(q, keys_ptr, n, offs_d, d_mask, DH, KP, BLOCK_M, BLOCK_N, EVEN_N, UPCAST,
+                                     PRECISION)
     return best
 
 
@@ -407,7 +535,7 @@ def pk_topk_fwd_kernel(
     K: tl.constexpr, K_PAD: tl.constexpr, CAND: tl.constexpr, KP: tl.constexpr,
     GROUPS: tl.constexpr, CAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, PREFIX_SLOTS: tl.constexpr, NATIVE: tl.constexpr,
+    PRECISION: tl.constexpr, PREFIX_SLOTS: tl.constexpr, NATIVE: tl.constexpr, FALLBACK: tl.constexpr = True,
 ):
     DH: tl.constexpr = DK // 2
     pid_m = tl.program_id(0)
@@ -427,9 +555,9 @@ def pk_topk_fwd_kernel(
     else:
         kbase = keys_ptr
     best1 = _half_topk(q_row_ptr, kbase, scr_row_ptr, cnt_row_ptr, offs_m, m_mask, n, DH, DH_PAD, KP, GROUPS, CAP,
-                       BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION, PREFIX_SLOTS, NATIVE)
+                       BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION, PREFIX_SLOTS, NATIVE, FALLBACK)
     best2 = _half_topk(q_row_ptr + DH, kbase + n * DH, scr_row_ptr, cnt_row_ptr + 1, offs_m, m_mask, n, DH, DH_PAD, KP,
-                       GROUPS, CAP, BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION, PREFIX_SLOTS, NATIVE)
+                       GROUPS, CAP, BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION, PREFIX_SLOTS, NATIVE, FALLBACK)
     sc, ids = _unpack_pair(_pair_topk(best1, best2, n, K, K_PAD, CAND, KP))  # [BLOCK_M, K_PAD]
     offs_k = tl.arange(0, K_PAD)
     out = row[:, None] * K + offs_k[None, :]

@@ -381,6 +381,45 @@ def test_gpu_paper_config(shared):
     torch.testing.assert_close(s, s_ref, atol=1e-4, rtol=1e-5)
 
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shared,t", [(False, 4096), (True, 4095)])
+def test_gpu_quad_lists_need_no_fallback(shared, t):
+    """The paper config's threshold and ranking run as inline-asm quad lists that check the
+    register layout they assume and send a block to the exact fallback on a mismatch. On
+    random data no block needs the fallback: without it (fallback=False) the kernel must
+    give the same scores and ids bit for bit, so a layout change in a new Triton (every block
+    falling back: correct but slow) fails here."""
+    from peer_kernels import retrieval as R
+
+    q, keys = _inputs((t,), 8, 1024, 128, shared, torch.bfloat16, torch.bfloat16, "cuda", seed=11)
+    assert R._fwd_config(1024, 16, 64, False, R._many_rows(q.device, t, 8))["BLOCK_M"] == 64
+    s, i = R._launch_fwd(q, keys, 16, 16)
+    s_fast, i_fast = R._launch_fwd(q, keys, 16, 16, fallback=False)
+    assert torch.equal(i_fast, i) and torch.equal(s_fast, s)
+    s_ref, i_ref = ref.product_key_topk(q, keys, 16)
+    assert_topk_match(s, i, s_ref, i_ref, tol=1e-3)
+    assert (i == i_ref).float().mean() > 0.999
+
+
+def test_quad_lists_sorting_network():
+    """The quad lists sort each thread's 8 values by the compare-exchange pairs of
+    _batcher_pairs (descending: max to the lower index): every 0/1 input must come out
+    sorted (the 0-1 principle: then every input does)."""
+    from peer_kernels.csrc_triton import product_key_topk as K
+
+    pairs = K._batcher_pairs(8)
+    assert len(pairs) == 19
+    for bits in range(256):
+        x = [(bits >> j) & 1 for j in range(8)]
+        for a, b in pairs:
+            x[a], x[b] = max(x[a], x[b]), min(x[a], x[b])
+        assert x == sorted(x, reverse=True), bits
+    for kind, rounds in (("tau", 15), ("rank", 16)):
+        ptx = K._quad_lists_asm(kind, rounds)
+        assert ptx.count("shfl.sync.bfly") == 4 + 2 * 2 * (rounds + (kind == "tau")) * (1 if kind == "tau" else 2)
+        assert ptx.count("@!ok mov") == 16
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k,cand", [(1000, 16, 16), (5, 3, 5)])
 def test_gpu_64_row_programs_partial_tile(n, k, cand):
