@@ -5,17 +5,19 @@ For each half p of the query, s_p = C_p q_p over tiles of BLOCK_N sub-keys (tl.d
 accumulation), in two passes over the tiles (`_half_topk`):
   A. g = running elementwise max of the tiles (NaN-propagating: a NaN score leaves NaN),
      folded into GROUPS disjoint groups; tau = the KP-th largest group maximum (by rounds
-     of row maxima; lower with ties). KP groups hold an element >= tau, so the whole top
-     KP is >= tau: an exact bound, not a guess.
+     of row maxima, or by the quad lists below in 64-row programs on a GPU; lower with
+     ties). KP groups hold an element >= tau, so the whole top KP is >= tau: an exact
+     bound, not a guess.
   B. the scores again; the few >= tau (~1.3 KP on random data) are appended to a per-row
      scratch of CAP slots as raw score bits << 32 | (MAX_ID - id): in 64-row programs at
      the slots that tensor-core prefix counts of the 0/1 survivor tiles give
      (`_survivors_by_prefix`), in 16-row programs at slots from a per-row atomic counter
      (`_survivors_by_atomics`; the order of the slots does not change the result). The top
-     KP of those is taken by KP rounds of row maxima over CAP / 2 values (CAP where a row
-     of the block has more survivors) instead of over all n.
-  A row with more than CAP survivors (ties, adversarial data) or a NaN score sends its
-  block to the exact fallback: KP rounds of row maxima per tile (`_half_topk_rounds`).
+     KP of those is taken by KP rounds of row maxima (or the quad lists) over CAP / 2
+     values (CAP where a row of the block has more survivors) instead of over all n.
+  A row with more than CAP survivors (ties, adversarial data), a NaN score or a register
+  layout the quad lists did not expect sends its block to the exact fallback: KP rounds
+  of row maxima per tile (`_half_topk_rounds`).
 Candidates are packed int64 (order-preserving score bits << 32 | MAX_ID - id: ties go
 to the lower id). Then the top K of the pair sums s_1[a] + s_2[b] of the candidates by a
 K-way merge of the sorted lists (s_1[a] + s_2[b], b = 0, 1, ...): K rounds of a row maximum
