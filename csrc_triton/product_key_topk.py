@@ -195,7 +195,7 @@ def _quad_lists_asm(kind: str, rounds: int) -> str:
     packed value: its low word would be 2^32 - 1 > MAX_ID), which _half_topk checks."""
     tau = kind == "tau"
     b, cmp = (".b32", ".f32") if tau else (".b64", ".s64")
-    minv, bad = ("0fFF800000", "0f7F800000") if tau else ("0x8000000000000000", "0x7FFFFFFFFFFFFFFF")
+    minv, bad = ("0fFF800000", "0f7F800000") if tau else ("0x8000000000000000", hex(LAYOUT_MISMATCH.value))
     val, row, col = 16, 32, 48
 
     def slot(i):  # element i -> (list, position)
@@ -250,22 +250,25 @@ def _quad_lists_asm(kind: str, rounds: int) -> str:
     return "\n".join(lines)
 
 
+LAYOUT_MISMATCH = tl.constexpr(9223372036854775807)  # what RANK_ASM returns on a layout mismatch
 TAU_ASM = tl.constexpr(_quad_lists_asm("tau", 15))
 TAU_CONS = tl.constexpr(",".join(["=f"] * 16 + ["f"] * 16 + ["r"] * 16))
 RANK_ASM = tl.constexpr(_quad_lists_asm("rank", 16))
 RANK_CONS = tl.constexpr(",".join(["=l"] * 16 + ["l"] * 16 + ["r"] * 32))
-LAYOUT_MISMATCH = tl.constexpr(9223372036854775807)  # what RANK_ASM returns on a layout mismatch
 
 
 @triton.jit
-def _rank_survivors(scr_row_ptr, cnt, tile, W: tl.constexpr, KP: tl.constexpr, IN_TILE: tl.constexpr):
+def _rank_survivors(scr_row_ptr, cnt, tile, W: tl.constexpr, KP: tl.constexpr, IN_TILE: tl.constexpr,
+                    QUAD: tl.constexpr):
     """Top-KP (packed, descending) of the first min(cnt, W) scratch entries of each row.
     IN_TILE (64-row programs on a GPU): tile is pass B's last accumulator [BM, BLOCK_N] and
     the entries are loaded by inline PTX in a layout derived from it (W <= BLOCK_N), where
     a row's W values span the 4 threads of a quad; a tl.load gets the coalesced layout, in
     which a row spans 16 threads (4 shuffle steps for each of 8 rows per thread in every
     round, and Triton 3.6 moved each round's maximum through shared memory: ~370
-    instructions per round, 27% of the H200 kernel's, bench/NOTES.md)."""
+    instructions per round, 27% of the H200 kernel's, bench/NOTES.md). QUAD: _half_topk's
+    condition for the quad lists; with W = 32 the ranking is RANK_ASM, whose layout-mismatch
+    value _half_topk checks under the same condition."""
     if IN_TILE:
         z = tl.where(tile < -1.0, 1, 0)  # zeros (the counts are >= 0) in the tile's layout
         z = tl.max(tl.reshape(z, (z.shape[0], z.shape[1] // W, W)), axis=1)  # [BM, W]
@@ -290,7 +293,7 @@ def _rank_survivors(scr_row_ptr, cnt, tile, W: tl.constexpr, KP: tl.constexpr, I
         raw = tl.load(scr_row_ptr[:, None] + slots, mask=used, other=0)  # [BLOCK_M, W]: bits << 32 | low
     score = (raw >> 32).to(tl.int32).to(tl.float32, bitcast=True)
     packed = _pack_low(score, raw & 0xFFFFFFFF, used)  # the low word is MAX_ID - id already
-    if IN_TILE and W == 32 and KP == 16:  # quad lists (above); the columns >= KP hold the minimum
+    if IN_TILE and QUAD and W == 32:  # quad lists (above); the columns >= KP hold the minimum
         rows = tl.arange(0, slots.shape[0])[:, None] + z
         ranked = tl.inline_asm_elementwise(RANK_ASM, RANK_CONS, [packed, rows, slots], dtype=tl.int64, is_pure=True,
                                            pack=16)
@@ -459,9 +462,9 @@ def _half_topk(
     # rank the survivors: over CAP // 2 slots when every row has that few (most blocks)
     IN_TILE: tl.constexpr = PREFIX_SLOTS and NATIVE and CAP <= BLOCK_N  # (W <= BLOCK_N)
     if tl.max(tl.where(m_mask, cnt, 0), axis=0) <= CAP // 2:
-        best = _rank_survivors(scr_row_ptr, cnt, tile, CAP // 2, KP, IN_TILE)  # [BLOCK_M, KP]
+        best = _rank_survivors(scr_row_ptr, cnt, tile, CAP // 2, KP, IN_TILE, QUAD)  # [BLOCK_M, KP]
     else:
-        best = _rank_survivors(scr_row_ptr, cnt, tile, CAP, KP, IN_TILE)
+        best = _rank_survivors(scr_row_ptr, cnt, tile, CAP, KP, IN_TILE, QUAD)
     tl.debug_barrier()  # the other half reuses the scratch
     need = tl.minimum(n, KP)
     bad = tl.where(m_mask, (cnt > CAP) | (cnt < need), False) | (nan > 0)
