@@ -180,14 +180,28 @@ def _batcher_pairs(n: int):
     return pairs
 
 
-def _quad_lists_asm(kind: str, rounds: int) -> str:
-    """PTX of one quad-lists block (16 elements per thread, see above).
+def _top8_of_16_ops():
+    """(op, i, j) steps that leave the 8 largest of 16 values, sorted descending, in places
+    0-7: each half sorted (Batcher), x_i = max(x_i, x_15-i) for i < 8 (the top 8 as a bitonic
+    sequence), then the bitonic merge of 8 (distances 4, 2, 1). "ce": max to i, min to j."""
+    ops = [("ce", a + h, b + h) for h in (0, 8) for a, b in _batcher_pairs(8)]
+    ops += [("max", i, 15 - i) for i in range(8)]
+    for d in (4, 2, 1):
+        ops += [("ce", i, i + d) for i in range(8) if i % (2 * d) < d]
+    return ops
 
-    kind "tau": operands $0-15 out fp32, $16-31 the group maxima [64, 32] (fp32), $32-47
-    their rows; assumed order A B A B ... Every output of a row = its quad maximum after
-    `rounds` rounds that each drop the quad's maximum head (every copy of it at the heads):
-    with rounds = KP - 1, at least KP group maxima are >= it (a lower bound of the KP-th
-    largest, as _kth_largest_bound). On a layout mismatch: +inf (no survivors: fallback).
+
+def _quad_lists_asm(kind: str, rounds: int) -> str:
+    """PTX of one quad-lists block (see above).
+
+    kind "tau": operands $0-31 out fp32, $32-63 the column maxima g [64, 64] of pass A (fp32,
+    each column a group), $64-95 their rows; assumed order A A B B per 4 elements. Each
+    thread keeps the 8 largest of its 16 values per row (_top8_of_16_ops). Every output of a
+    row = its quad maximum after `rounds` rounds that each drop the quad's maximum head (every
+    copy of it at the heads): with rounds = KP - 1, at least KP group maxima are >= it, so it
+    is a lower bound of the KP-th largest, as _kth_largest_bound (keeping 8 of 16 can only
+    lower it: more survivors, never a lost one). On a layout mismatch: +inf (no survivors:
+    fallback).
     kind "rank": $0-15 out int64, $16-31 the packed survivors [64, 32] (int64), $32-47 their
     rows, $48-63 their columns; assumed order A A B B per 4 elements, thread t of a quad
     holding columns 8j + 2t + {0, 1}. Rank r (< rounds) of a row goes to its element in
@@ -196,34 +210,38 @@ def _quad_lists_asm(kind: str, rounds: int) -> str:
     tau = kind == "tau"
     b, cmp = (".b32", ".f32") if tau else (".b64", ".s64")
     minv, bad = ("0fFF800000", "0f7F800000") if tau else ("0x8000000000000000", hex(LAYOUT_MISMATCH.value))
-    val, row, col = 16, 32, 48
+    per_row = 16 if tau else 8  # values per row and thread
+    n_el = 2 * per_row
+    val, row, col = n_el, 2 * n_el, 3 * n_el
 
-    def slot(i):  # element i -> (list, position)
-        return ("xa", i // 2) if tau and i % 2 == 0 else ("xb", i // 2) if tau else \
-               ("xa" if (i // 2) % 2 == 0 else "xb", 2 * (i // 4) + i % 2)
+    def slot(i):  # element i -> (list, position): rows A A B B per 4 elements
+        return "xa" if (i // 2) % 2 == 0 else "xb", 2 * (i // 4) + i % 2
 
     lines = ["{", ".reg .pred p, w, ok;", ".reg .b32 lane, ra, rb, t, t0, t1;",
-             f".reg {b} xa<8>, xb<8>, m, o, h;", "mov.u32 lane, %laneid;", "and.b32 lane, lane, 3;"]
+             f".reg {b} xa<{per_row}>, xb<{per_row}>, m, o, h;", "mov.u32 lane, %laneid;", "and.b32 lane, lane, 3;"]
     # the layout check: rows as assumed, two rows per thread, the same two in the quad
-    first = {x: next(i for i in range(16) if slot(i)[0] == x) for x in ("xa", "xb")}
-    lines += [f"mov.b32 ra, ${row + first['xa']};", f"mov.b32 rb, ${row + first['xb']};", "setp.ne.s32 ok, ra, rb;"]
-    for i in range(16):
+    lines += [f"mov.b32 ra, ${row};", f"mov.b32 rb, ${row + 2};", "setp.ne.s32 ok, ra, rb;"]
+    for i in range(n_el):
         lines.append(f"setp.eq.and.s32 ok, ${row + i}, {'ra' if slot(i)[0] == 'xa' else 'rb'}, ok;")
     for r in ("ra", "rb"):
         for d in (1, 2):
             lines += [f"shfl.sync.bfly.b32 t, {r}, {d}, 0x1c1f, 0xffffffff;", f"setp.eq.and.s32 ok, t, {r}, ok;"]
     if not tau:
         lines.append("shl.b32 t0, lane, 1;")
-        for i in range(16):
+        for i in range(n_el):
             lines += [f"sub.s32 t, ${col + i}, t0;", f"setp.eq.and.s32 ok, t, {8 * (i // 4) + i % 2}, ok;"]
-    for i in range(16):
+    for i in range(n_el):
         x, k = slot(i)
         lines.append(f"mov{b} {x}{k}, ${val + i};")
         if not tau:
             lines.append(f"mov{b} ${i}, {minv};")
+    ops = _top8_of_16_ops() if tau else [("ce", i, j) for i, j in _batcher_pairs(8)]
     for x in ("xa", "xb"):  # descending
-        for i, j in _batcher_pairs(8):
-            lines += [f"max{cmp} h, {x}{i}, {x}{j};", f"min{cmp} {x}{j}, {x}{i}, {x}{j};", f"mov{b} {x}{i}, h;"]
+        for op, i, j in ops:
+            if op == "ce":
+                lines += [f"max{cmp} h, {x}{i}, {x}{j};", f"min{cmp} {x}{j}, {x}{i}, {x}{j};", f"mov{b} {x}{i}, h;"]
+            else:
+                lines.append(f"max{cmp} {x}{i}, {x}{i}, {x}{j};")
 
     def quad_max(x):
         out = [f"mov{b} m, {x}0;"]
@@ -236,7 +254,7 @@ def _quad_lists_asm(kind: str, rounds: int) -> str:
             out.append(f"max{cmp} m, m, o;")
         return out
 
-    for r in range(rounds):
+    for r in range(rounds):  # lists of 8 from here on
         for x, off in (("xa", 0), ("xb", 2)):
             lines += quad_max(x) + [f"setp.eq{cmp} w, {x}0, m;"]
             lines += [f"@w mov{b} {x}{k}, {x}{k + 1};" for k in range(7)] + [f"@w mov{b} {x}7, {minv};"]
@@ -245,14 +263,14 @@ def _quad_lists_asm(kind: str, rounds: int) -> str:
     if tau:
         for x in ("xa", "xb"):
             lines += quad_max(x) + [f"mov{b} {'ra' if x == 'xa' else 'rb'}, m;"]
-        lines += [f"mov{b} ${i}, {'ra' if slot(i)[0] == 'xa' else 'rb'};" for i in range(16)]
-    lines += [f"@!ok mov{b} ${i}, {bad};" for i in range(16)] + ["}"]
+        lines += [f"mov{b} ${i}, {'ra' if slot(i)[0] == 'xa' else 'rb'};" for i in range(n_el)]
+    lines += [f"@!ok mov{b} ${i}, {bad};" for i in range(n_el)] + ["}"]
     return "\n".join(lines)
 
 
 LAYOUT_MISMATCH = tl.constexpr(9223372036854775807)  # what RANK_ASM returns on a layout mismatch
 TAU_ASM = tl.constexpr(_quad_lists_asm("tau", 15))
-TAU_CONS = tl.constexpr(",".join(["=f"] * 16 + ["f"] * 16 + ["r"] * 16))
+TAU_CONS = tl.constexpr(",".join(["=f"] * 32 + ["f"] * 32 + ["r"] * 32))
 RANK_ASM = tl.constexpr(_quad_lists_asm("rank", 16))
 RANK_CONS = tl.constexpr(",".join(["=l"] * 16 + ["l"] * 16 + ["r"] * 32))
 
@@ -440,11 +458,14 @@ def _half_topk(
         s, offs_n, n_mask = _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH, BLOCK_N, EVEN_N, UPCAST, PRECISION)
         g = tl.maximum(g, tl.where(n_mask[None, :], s, float("-inf")), propagate_nan=tl.PropagateNan.ALL)
     nan = tl.max((g != g).to(tl.int32), axis=1)  # [BLOCK_M]
-    gm = tl.max(tl.reshape(g, (BLOCK_M, GROUPS, BLOCK_N // GROUPS)), axis=2)  # [BLOCK_M, GROUPS]
-    QUAD: tl.constexpr = NATIVE and PREFIX_SLOTS and BLOCK_M == 64 and BLOCK_N == 64 and GROUPS == 32 and KP == 16
+    if GROUPS == BLOCK_N:  # each column a group
+        gm = g
+    else:
+        gm = tl.max(tl.reshape(g, (BLOCK_M, GROUPS, BLOCK_N // GROUPS)), axis=2)  # [BLOCK_M, GROUPS]
+    QUAD: tl.constexpr = NATIVE and PREFIX_SLOTS and BLOCK_M == 64 and BLOCK_N == 64 and GROUPS == 64 and KP == 16
     if QUAD:  # quad lists (above); +inf on a layout mismatch
         rows = tl.broadcast_to(tl.arange(0, BLOCK_M)[:, None], gm.shape)
-        tau = tl.max(tl.inline_asm_elementwise(TAU_ASM, TAU_CONS, [gm, rows], dtype=tl.float32, is_pure=True, pack=16),
+        tau = tl.max(tl.inline_asm_elementwise(TAU_ASM, TAU_CONS, [gm, rows], dtype=tl.float32, is_pure=True, pack=32),
                      axis=1)
     else:
         tau = _kth_largest_bound(gm, KP)  # [BLOCK_M]

@@ -65,19 +65,22 @@ def _survivors(q1, keys1, cfg, kp):
 
 
 def _many_survivors_case(R):
-    """Sub-keys in near-copies (groups of 4: 3 copies of a random key and its mirror), so
-    that 18-42 scores per row pass the threshold of the first half; rows picked so that one
-    block of the kernel (as R._fwd_config sets it up) has a row with more than CAP / 2 = 32
+    """Sub-keys in near-copies in the same column of the kernel's tiles (sub-keys j, j + BN
+    and j + 2 BN for j < BN / 2, BN as R._fwd_config sets it up; the other half random), so
+    that a row whose best groups are copied columns passes up to 3 scores per group through
+    the threshold of the first half (any grouping of the columns: a column lies in one
+    group); rows picked so that one block of the kernel has a row with more than CAP / 2 = 32
     survivors there and another has none. Returns q, keys (CPU, fp32)."""
     g = torch.Generator().manual_seed(0)
-    n, dh = 128, 8
-    keys = torch.empty(1, 2, n, dh)
-    for p in range(2):
-        c = torch.randn(32, dh, generator=g).repeat_interleave(4, 0) * (1 + 1e-3 * torch.randn(n, 1, generator=g))
-        c[3::4] *= -1
-        keys[0, p] = c
+    dh = 8
+    bn = R._fwd_config(4096, 16, dh, upcast=True)["BLOCK_N"]
+    n, half = 3 * bn, bn // 2
+    keys = torch.randn(1, 2, n, dh, generator=g)
+    for t in (1, 2):
+        keys[0, :, t * bn:t * bn + half] = keys[0, :, :half] * (1 + 1e-3 * torch.randn(2, half, 1, generator=g))
     pool = torch.randn(20000, 1, 2 * dh, generator=g)
     cfg = R._fwd_config(n, 16, dh, upcast=True)  # fp32 inputs: fp32 products
+    assert cfg["BLOCK_N"] == bn
     bm = cfg["BLOCK_M"]
     s1, keep = _survivors(pool[:, 0, :dh], keys[0, 0], cfg, 16)
     surv = keep.sum(1)
@@ -403,22 +406,32 @@ def test_gpu_quad_lists_need_no_fallback(shared, t):
 
 
 def test_quad_lists_sorting_network():
-    """The quad lists sort each thread's 8 values by the compare-exchange pairs of
-    _batcher_pairs (descending: max to the lower index): every 0/1 input must come out
-    sorted (the 0-1 principle: then every input does)."""
+    """The quad lists sort each thread's 8 values per row by the compare-exchange pairs of
+    _batcher_pairs (descending: max to the lower index), and the threshold keeps the 8
+    largest of 16 by _top8_of_16_ops: every 0/1 input must come out sorted (the 0-1
+    principle: then every input does)."""
     from peer_kernels.csrc_triton import product_key_topk as K
+
+    def apply(ops, x):
+        for op, a, b in ops:
+            x[a], x[b] = max(x[a], x[b]), (min(x[a], x[b]) if op == "ce" else x[b])
+        return x
 
     pairs = K._batcher_pairs(8)
     assert len(pairs) == 19
     for bits in range(256):
-        x = [(bits >> j) & 1 for j in range(8)]
-        for a, b in pairs:
-            x[a], x[b] = max(x[a], x[b]), min(x[a], x[b])
+        x = apply([("ce", a, b) for a, b in pairs], [(bits >> j) & 1 for j in range(8)])
         assert x == sorted(x, reverse=True), bits
-    for kind, rounds in (("tau", 15), ("rank", 16)):
+    ops = K._top8_of_16_ops()
+    assert len(ops) == 2 * 19 + 8 + 12
+    for bits in range(1 << 16):
+        x = [(bits >> j) & 1 for j in range(16)]
+        assert apply(ops, list(x))[:8] == sorted(x, reverse=True)[:8], bits
+    for kind, rounds, n_el in (("tau", 15, 32), ("rank", 16, 16)):
         ptx = K._quad_lists_asm(kind, rounds)
         assert ptx.count("shfl.sync.bfly") == 4 + 2 * 2 * (rounds + (kind == "tau")) * (1 if kind == "tau" else 2)
-        assert ptx.count("@!ok mov") == 16
+        assert ptx.count("@!ok mov") == n_el
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k,cand", [(1000, 16, 16), (5, 3, 5)])
