@@ -348,33 +348,43 @@ def _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH: tl.constexpr, BLOCK_N: t
 
 
 @triton.jit
-def _store_survivors(scr_row_ptr, slot, s, tau, offs_n, CAP: tl.constexpr, NATIVE: tl.constexpr):
-    """scratch[row, slot] = raw score bits << 32 | (MAX_ID - id) where s >= tau[row] and
-    slot < CAP, element by element in the layout of the score tile. On a GPU by inline PTX
-    (compare, address and store per element): a tl.store here gets a coalesced layout of its
-    own (its addresses are data-dependent), and converting the scores, 64-bit addresses and
-    mask to it through shared memory cost more than the rest of pass B (sm_90 SASS)."""
+def _store_survivors(scr_row_ptr, acc, s, offs_n, CAP: tl.constexpr, NATIVE: tl.constexpr):
+    """scratch[row, v] = raw score bits << 32 | (MAX_ID - id) where v < CAP, element by
+    element in the layout of the score tile; v = acc (an exact integer in fp32) is a
+    survivor's slot, and >= PREFIX_BIAS for a score below the threshold
+    (_survivors_by_prefix), so one unsigned compare decides. On a GPU by inline PTX: v from
+    the bits of acc + 2^23 (0x4B000000 + v: an exact fp32 add instead of a conversion, whose
+    pipe is a quarter as fast), the bias folded into the row pointer; compare, address and
+    store per element. A tl.store here gets a coalesced layout of its own (its addresses
+    are data-dependent), and converting the scores, 64-bit addresses and mask to it through
+    shared memory cost more than the rest of pass B (sm_90 SASS)."""
     if NATIVE:  # the two words of _raw: {MAX_ID - id, score bits}
         tl.inline_asm_elementwise(
             """{
-            .reg .pred p, q;
+            .reg .pred p;
             .reg .b64 a;
-            .reg .b32 v;
-            setp.ge.f32 p, $3, $4;
-            setp.lt.s32 q, $2, $6;
-            and.pred p, p, q;
-            mad.wide.s32 a, $2, 8, $1;
-            mov.b32 v, $3;
-            @p st.global.v2.b32 [a], {$5, v};
+            .reg .b32 v, f;
+            add.f32 f, $2, 0f4B000000;
+            mov.b32 v, f;
+            setp.lt.u32 p, v, $5;
+            mad.wide.s32 a, v, 8, $1;
+            mov.b32 f, $3;
+            @p st.global.v2.b32 [a], {$4, f};
             mov.b32 $0, 0;
             }""",
-            "=r,l,r,f,f,r,r",
-            [tl.broadcast_to(scr_row_ptr[:, None], slot.shape).to(tl.int64), slot, s,
-             tl.broadcast_to(tau[:, None], slot.shape), tl.broadcast_to(16777216 - offs_n[None, :], slot.shape),
-             tl.full(slot.shape, CAP, tl.int32)],
+            "=r,l,f,f,r,r",
+            [tl.broadcast_to(scr_row_ptr[:, None], acc.shape).to(tl.int64) - 0x4B000000 * 8, acc, s,
+             tl.broadcast_to(16777216 - offs_n[None, :], acc.shape), tl.full(acc.shape, 0x4B000000 + CAP, tl.int32)],
             dtype=tl.int32, is_pure=False, pack=1)
     else:
-        tl.store(scr_row_ptr[:, None] + slot, _raw(s, offs_n[None, :]), mask=(s >= tau[:, None]) & (slot < CAP))
+        v = acc.to(tl.int32)
+        tl.store(scr_row_ptr[:, None] + v, _raw(s, offs_n[None, :]), mask=v < CAP)
+
+
+# pass B's prefix counts carry PREFIX_BIAS: a score below the threshold gets a slot value >=
+# it, one above gets its slot (< CAP <= PREFIX_BIAS); the 0/1 matrices hold -PREFIX_BIAS and
+# 1 + PREFIX_BIAS on their diagonals (exact in fp16: integers up to 2048)
+PREFIX_BIAS = tl.constexpr(1024)
 
 
 @triton.jit
@@ -385,27 +395,42 @@ def _survivors_by_prefix(q, keys_ptr, scr_row_ptr, tau, n, offs_d, d_mask, DH: t
     column order; returns the survivors per row (counts past CAP are kept, slots past CAP
     not). A survivor's slot = survivors of its row in earlier tiles + in earlier columns of
     this tile, counted by tensor-core products of the 0/1 survivor tile kf (integer-exact in
-    fp32): acc holds the survivors of earlier tiles in every column; + kf @ strict (c' < c:
-    the exclusive prefix count along the row) gives the slots; + kf @ (1 - strict) (c' >= c)
-    adds the rest of the row's count, so acc = survivors so far again, without a copy.
+    fp32): acc holds PREFIX_BIAS + the survivors of earlier tiles in every column; + kf @
+    strict (c' < c: the exclusive prefix count along the row, and -PREFIX_BIAS on the
+    diagonal) gives the slots of the survivors and slots + PREFIX_BIAS elsewhere (one
+    unsigned compare in the store: survivor and slot < CAP); + kf @ rest (c' >= c, and
+    +PREFIX_BIAS on the diagonal) adds the rest of the row's count, so acc = PREFIX_BIAS +
+    survivors so far again, without a copy.
     No atomics and no scans (H200, T = 4096, with the NaN-propagating pass A: 0.28 -> 0.19
     ms kernel; bench/NOTES.md)."""
     cols = tl.arange(0, BLOCK_N)
-    if NATIVE:  # fp16 tensor cores (0/1: exact); the interpreter's half dots are unreliable
-        strict = (cols[:, None] < cols[None, :]).to(tl.float16)  # [BLOCK_N, BLOCK_N]
-    else:
-        strict = (cols[:, None] < cols[None, :]).to(tl.float32)
-    rest = 1.0 - strict
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    diag = tl.where(cols[:, None] == cols[None, :], PREFIX_BIAS, 0.0)
+    strict = tl.where(cols[:, None] < cols[None, :], 1.0, 0.0) - diag  # [BLOCK_N, BLOCK_N]
+    rest = 1.0 - tl.where(cols[:, None] < cols[None, :], 1.0, 0.0) + diag
+    if NATIVE:  # fp16 tensor cores (these integers: exact); the interpreter's half dots are unreliable
+        strict = strict.to(tl.float16)
+        rest = rest.to(tl.float16)
+    acc = tl.full((BLOCK_M, BLOCK_N), PREFIX_BIAS, tl.float32)
+    # on a GPU the 0/1 tile comes from fp16 compares (two scores per instruction) against an
+    # fp16 threshold below tau (rn(s) >= rn(tau16) whenever s >= tau: every survivor stays
+    # one; the few scores within fp16 rounding below tau join them, which the ranking of the
+    # exact fp32 scores does not see; +inf rows get NaN: nothing passes)
+    tau16 = (tau - tl.abs(tau) * 0.0009765625 - 5.960464477539063e-08).to(tl.float16)
+    tau16 = tl.broadcast_to(tau16[:, None], (BLOCK_M, BLOCK_N))
     for n0 in range(0, n, BLOCK_N):
         s, offs_n, n_mask = _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH, BLOCK_N, EVEN_N, UPCAST, PRECISION)
         if not EVEN_N:  # NaN is never >= tau, also where tau is -inf (n < KP)
             s = tl.where(n_mask[None, :], s, float("nan"))
-        kf = (s >= tau[:, None]).to(strict.dtype)
-        acc = tl.dot(kf, strict, acc=acc, input_precision="ieee")
-        _store_survivors(scr_row_ptr, acc.to(tl.int32), s, tau, offs_n, CAP, NATIVE)
+        if NATIVE:
+            kf = tl.inline_asm_elementwise(
+                "{ .reg .b32 a; cvt.rn.f16x2.f32 a, $2, $1; set.ge.f16x2.f16x2 $0, a, $3; }", "=r,f,f,r",
+                [s, tau16], dtype=tl.float16, is_pure=True, pack=2)
+        else:
+            kf = (s >= tau[:, None]).to(strict.dtype)
+        acc = tl.dot(kf, strict, acc=acc, input_precision="ieee")  # survivors: their slot; others: + PREFIX_BIAS
+        _store_survivors(scr_row_ptr, acc, s, offs_n, CAP, NATIVE)
         acc = tl.dot(kf, rest, acc=acc, input_precision="ieee")
-    return acc  # every column holds the row's survivor count
+    return acc  # every column holds PREFIX_BIAS + the row's survivor count
 
 
 @triton.jit
@@ -474,7 +499,7 @@ def _half_topk(
     if PREFIX_SLOTS:
         tile = _survivors_by_prefix(q, keys_ptr, scr_row_ptr, tau_m, n, offs_d, d_mask, DH, CAP, BLOCK_M, BLOCK_N,
                                     EVEN_N, UPCAST, PRECISION, NATIVE)
-        cnt = tl.max(tile, axis=1).to(tl.int32)
+        cnt = tl.max(tile, axis=1).to(tl.int32) - PREFIX_BIAS
     else:
         cnt = _survivors_by_atomics(q, keys_ptr, scr_row_ptr, cnt_row_ptr, tau_m, n, offs_d, d_mask, DH, CAP,
                                     BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION)
