@@ -4,25 +4,28 @@ Forward (`pk_topk_fwd_kernel`), one program per block of BLOCK_M query rows of o
 For each half p of the query, s_p = C_p q_p over tiles of BLOCK_N sub-keys (tl.dot, fp32
 accumulation), in two passes over the tiles (`_half_topk`):
   A. g = running elementwise max of the tiles (NaN-propagating: a NaN score leaves NaN),
-     folded into GROUPS disjoint groups; tau = the KP-th largest group maximum (by rounds
-     of row maxima, or by the quad lists below in 64-row programs on a GPU; lower with
-     ties). KP groups hold an element >= tau, so the whole top KP is >= tau: an exact
-     bound, not a guess.
-  B. the scores again; the few >= tau (~1.3 KP on random data) are appended to a per-row
-     scratch of CAP slots as raw score bits << 32 | (MAX_ID - id): in 64-row programs at
-     the slots that tensor-core prefix counts of the 0/1 survivor tiles give
-     (`_survivors_by_prefix`), in 16-row programs at slots from a per-row atomic counter
-     (`_survivors_by_atomics`; the order of the slots does not change the result). The top
-     KP of those is taken by KP rounds of row maxima (or the quad lists) over CAP / 2
-     values (CAP where a row of the block has more survivors) instead of over all n.
+     folded into GROUPS disjoint groups (64-row programs: each of the BLOCK_N columns a
+     group); tau = the KP-th largest group maximum (by rounds of row maxima, or by the quad
+     lists below in 64-row programs on a GPU; lower with ties). KP groups hold an element
+     >= tau, so the whole top KP is >= tau: an exact bound, not a guess.
+  B. the scores again; the few >= tau (~18 at KP = 16, n = 1024 on random data) are
+     appended to a per-row scratch of CAP slots as raw score bits << 32 | (MAX_ID - id):
+     in 64-row programs at the slots that tensor-core prefix counts of the 0/1 survivor
+     tiles give (`_survivors_by_prefix`; on a GPU the 0/1 tiles come from bf16 compares,
+     so a few scores that round to tau may join), in 16-row programs at slots from a per-row
+     atomic counter (`_survivors_by_atomics`; the order of the slots does not change the
+     result). The top KP of those is taken by KP rounds of row maxima (or the quad lists)
+     over CAP / 2 values (CAP where a row of the block has more survivors) instead of over
+     all n.
   A row with more than CAP survivors (ties, adversarial data), a NaN score or a register
   layout the quad lists did not expect sends its block to the exact fallback: KP rounds
   of row maxima per tile (`_half_topk_rounds`).
 Candidates are packed int64 (order-preserving score bits << 32 | MAX_ID - id: ties go
 to the lower id). Then the top K of the pair sums s_1[a] + s_2[b] of the candidates by a
 K-way merge of the sorted lists (s_1[a] + s_2[b], b = 0, 1, ...): K rounds of a row maximum
-over the CAND list heads (`_pair_topk`; only pairs with (a+1)(b+1) <= K are ever reached,
-50 of 256 at K = 16). All rounds run as loops (see below). Writes
+over the CAND list heads (`_pair_topk`; in 64-row programs on a GPU with K = 16, each round
+one inline-asm block per thread, `_pair_topk_quad`; only pairs with (a+1)(b+1) <= K are
+ever reached, 50 of 256 at K = 16). All rounds run as loops (see below). Writes
 scores [M, H, K] fp32 (descending) and expert ids [M, H, K] int64. The [M, H, 2, n]
 score matrix never reaches memory; nothing extra is saved for the backward.
 Speed and what was tried: bench/NOTES.md.
@@ -149,13 +152,15 @@ def _kth_largest_bound(x, KP: tl.constexpr):
 
 # ---- per-thread quad lists (64-row programs on a GPU, KP = 16) -------------------------------
 # In a 64 x 64 wgmma accumulator each thread holds parts of two rows (A, B = A + 8) and a row
-# spans the 4 threads of a quad. The two per-row selections below run as one inline-asm
-# block per thread on the thread's 8 values per row (sorted by a Batcher network), with the
-# quad's maximum by 2 butterfly shuffles per round, instead of rounds of tl.max over the row
-# (Triton's reductions: ~170-270 SASS instructions per round, bench/NOTES.md). Where the
-# registers sit is the compiler's choice, so each block also takes the row (and column) of
-# every element and checks the order it assumes, and the quad; on any mismatch it returns a
-# value that sends the block to the exact fallback (slow, never wrong).
+# spans the 4 threads of a quad. The two per-row selections below (the threshold over 64
+# group maxima, the ranking of 32 survivor slots) run as one inline-asm block per thread on
+# the thread's values of each row, sorted by a network (the threshold keeps the top 8 of 16),
+# with the quad's maximum by 2 butterfly shuffles per round, instead of rounds of tl.max over
+# the row (Triton's reductions: ~170-270 SASS instructions per round, bench/NOTES.md); so do
+# the rounds of the pair merge (_pair_round_asm, further below). Where the registers sit is
+# the compiler's choice, so each block also takes the row (and column) of every element and
+# checks the order it assumes, and the quad (_layout_check); on any mismatch the block takes
+# the exact fallback (slow, never wrong).
 def _batcher_pairs(n: int):
     """Compare-exchange pairs of Batcher's odd-even merge sort of n (a power of 2) values."""
     pairs = []
@@ -191,6 +196,26 @@ def _top8_of_16_ops():
     return ops
 
 
+def _layout_check(n_el: int, row: int, col):
+    """PTX lines (registers lane, ra, rb, t, t0 and predicate ok declared by the caller) that
+    set lane = the thread's place in its quad and ok = the wgmma layout assumed by the asm
+    blocks here: operands $row.. (the rows of the thread's n_el elements) in the order A A B B
+    per 4 elements with A != B and the same A, B in the whole quad; if col is given, operands
+    $col.. (their columns) 8j + 2t + {0, 1} for thread t of the quad (elements 4j .. 4j + 3)."""
+    lines = ["mov.u32 lane, %laneid;", "and.b32 lane, lane, 3;",
+             f"mov.b32 ra, ${row};", f"mov.b32 rb, ${row + 2};", "setp.ne.s32 ok, ra, rb;"]
+    for i in range(n_el):
+        lines.append(f"setp.eq.and.s32 ok, ${row + i}, {'ra' if (i // 2) % 2 == 0 else 'rb'}, ok;")
+    for r in ("ra", "rb"):
+        for d in (1, 2):
+            lines += [f"shfl.sync.bfly.b32 t, {r}, {d}, 0x1c1f, 0xffffffff;", f"setp.eq.and.s32 ok, t, {r}, ok;"]
+    if col is not None:
+        lines.append("shl.b32 t0, lane, 1;")
+        for i in range(n_el):
+            lines += [f"sub.s32 t, ${col + i}, t0;", f"setp.eq.and.s32 ok, t, {8 * (i // 4) + i % 2}, ok;"]
+    return lines
+
+
 def _quad_lists_asm(kind: str, rounds: int) -> str:
     """PTX of one quad-lists block (see above).
 
@@ -218,18 +243,8 @@ def _quad_lists_asm(kind: str, rounds: int) -> str:
         return "xa" if (i // 2) % 2 == 0 else "xb", 2 * (i // 4) + i % 2
 
     lines = ["{", ".reg .pred p, w, ok;", ".reg .b32 lane, ra, rb, t, t0, t1;",
-             f".reg {b} xa<{per_row}>, xb<{per_row}>, m, o, h;", "mov.u32 lane, %laneid;", "and.b32 lane, lane, 3;"]
-    # the layout check: rows as assumed, two rows per thread, the same two in the quad
-    lines += [f"mov.b32 ra, ${row};", f"mov.b32 rb, ${row + 2};", "setp.ne.s32 ok, ra, rb;"]
-    for i in range(n_el):
-        lines.append(f"setp.eq.and.s32 ok, ${row + i}, {'ra' if slot(i)[0] == 'xa' else 'rb'}, ok;")
-    for r in ("ra", "rb"):
-        for d in (1, 2):
-            lines += [f"shfl.sync.bfly.b32 t, {r}, {d}, 0x1c1f, 0xffffffff;", f"setp.eq.and.s32 ok, t, {r}, ok;"]
-    if not tau:
-        lines.append("shl.b32 t0, lane, 1;")
-        for i in range(n_el):
-            lines += [f"sub.s32 t, ${col + i}, t0;", f"setp.eq.and.s32 ok, t, {8 * (i // 4) + i % 2}, ok;"]
+             f".reg {b} xa<{per_row}>, xb<{per_row}>, m, o, h;"]
+    lines += _layout_check(n_el, row, None if tau else col)
     for i in range(n_el):
         x, k = slot(i)
         lines.append(f"mov{b} {x}{k}, ${val + i};")
@@ -383,8 +398,8 @@ def _store_survivors(scr_row_ptr, acc, s, offs_n, CAP: tl.constexpr, NATIVE: tl.
 
 # pass B's prefix counts carry PREFIX_BIAS: a score below the threshold gets a slot value >=
 # it, one above gets its slot (< CAP <= PREFIX_BIAS); the 0/1 matrices hold -PREFIX_BIAS and
-# 1 + PREFIX_BIAS on their diagonals (exact in fp16: integers up to 2048)
-PREFIX_BIAS = tl.constexpr(1024)
+# 1 + PREFIX_BIAS on their diagonals (exact in bf16: 129 has 8 significant bits)
+PREFIX_BIAS = tl.constexpr(128)
 
 
 @triton.jit
@@ -407,24 +422,24 @@ def _survivors_by_prefix(q, keys_ptr, scr_row_ptr, tau, n, offs_d, d_mask, DH: t
     diag = tl.where(cols[:, None] == cols[None, :], PREFIX_BIAS, 0.0)
     strict = tl.where(cols[:, None] < cols[None, :], 1.0, 0.0) - diag  # [BLOCK_N, BLOCK_N]
     rest = 1.0 - tl.where(cols[:, None] < cols[None, :], 1.0, 0.0) + diag
-    if NATIVE:  # fp16 tensor cores (these integers: exact); the interpreter's half dots are unreliable
-        strict = strict.to(tl.float16)
-        rest = rest.to(tl.float16)
+    tl.static_assert(CAP <= PREFIX_BIAS)
+    if NATIVE:  # bf16 tensor cores (these integers: exact); the interpreter's half dots are unreliable
+        strict = strict.to(tl.bfloat16)
+        rest = rest.to(tl.bfloat16)
     acc = tl.full((BLOCK_M, BLOCK_N), PREFIX_BIAS, tl.float32)
-    # on a GPU the 0/1 tile comes from fp16 compares (two scores per instruction) against an
-    # fp16 threshold below tau (rn(s) >= rn(tau16) whenever s >= tau: every survivor stays
-    # one; the few scores within fp16 rounding below tau join them, which the ranking of the
-    # exact fp32 scores does not see; +inf rows get NaN: nothing passes)
-    tau16 = (tau - tl.abs(tau) * 0.0009765625 - 5.960464477539063e-08).to(tl.float16)
-    tau16 = tl.broadcast_to(tau16[:, None], (BLOCK_M, BLOCK_N))
+    # on a GPU the 0/1 tile comes from bf16 compares, two scores per instruction: rn(s) >=
+    # rn(tau) whenever s >= tau (rounding is monotone), so every survivor stays one; the few
+    # scores below tau that round to rn(tau) join them, which the ranking of the exact fp32
+    # scores does not see (bf16 has fp32's range: no overflow)
+    tau_bf = tl.broadcast_to(tau.to(tl.bfloat16)[:, None], (BLOCK_M, BLOCK_N))
     for n0 in range(0, n, BLOCK_N):
         s, offs_n, n_mask = _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH, BLOCK_N, EVEN_N, UPCAST, PRECISION)
         if not EVEN_N:  # NaN is never >= tau, also where tau is -inf (n < KP)
             s = tl.where(n_mask[None, :], s, float("nan"))
         if NATIVE:
             kf = tl.inline_asm_elementwise(
-                "{ .reg .b32 a; cvt.rn.f16x2.f32 a, $2, $1; set.ge.f16x2.f16x2 $0, a, $3; }", "=r,f,f,r",
-                [s, tau16], dtype=tl.float16, is_pure=True, pack=2)
+                "{ .reg .b32 a; cvt.rn.bf16x2.f32 a, $2, $1; set.ge.bf16x2.bf16x2 $0, a, $3; }", "=r,f,f,r",
+                [s, tau_bf], dtype=tl.bfloat16, is_pure=True, pack=2)
         else:
             kf = (s >= tau[:, None]).to(strict.dtype)
         acc = tl.dot(kf, strict, acc=acc, input_precision="ieee")  # survivors: their slot; others: + PREFIX_BIAS
@@ -456,7 +471,8 @@ def _half_topk(
     q_row_ptr, keys_ptr, scr_row_ptr, cnt_row_ptr, offs_m, m_mask, n,
     DH: tl.constexpr, DH_PAD: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, CAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, PREFIX_SLOTS: tl.constexpr, NATIVE: tl.constexpr, FALLBACK: tl.constexpr,
+    PRECISION: tl.constexpr, PREFIX_SLOTS: tl.constexpr, NATIVE: tl.constexpr, QUAD: tl.constexpr,
+    FALLBACK: tl.constexpr,
 ):
     """Top-KP (packed, descending) of s = C q over all n sub-keys of one half.
 
@@ -487,7 +503,6 @@ def _half_topk(
         gm = g
     else:
         gm = tl.max(tl.reshape(g, (BLOCK_M, GROUPS, BLOCK_N // GROUPS)), axis=2)  # [BLOCK_M, GROUPS]
-    QUAD: tl.constexpr = NATIVE and PREFIX_SLOTS and BLOCK_M == 64 and BLOCK_N == 64 and GROUPS == 64 and KP == 16
     if QUAD:  # quad lists (above); +inf on a layout mismatch
         rows = tl.broadcast_to(tl.arange(0, BLOCK_M)[:, None], gm.shape)
         tau = tl.max(tl.inline_asm_elementwise(TAU_ASM, TAU_CONS, [gm, rows], dtype=tl.float32, is_pure=True, pack=32),
@@ -549,6 +564,15 @@ def _unpack_pair(packed):
 
 
 @triton.jit
+def _first_heads(best1, best2, s1, i1, n, CAND: tl.constexpr, KP: tl.constexpr):
+    """The K-way merge's list heads (_pair_topk): list a starts at pair (a, 0), packed."""
+    live = (tl.arange(0, KP)[None, :] < CAND) & (best1 != -9223372036854775808)  # [BM, KP] lists
+    top2 = tl.max(best2, axis=1)  # best2[:, 0]
+    s2, i2 = _unpack(top2)
+    return _pack_pair(s1 + s2[:, None], i1 * n + i2[:, None], 0, live & (top2 != -9223372036854775808)[:, None])
+
+
+@triton.jit
 def _pair_topk(best1, best2, n, K: tl.constexpr, K_PAD: tl.constexpr, CAND: tl.constexpr, KP: tl.constexpr):
     """Top K (packed pairs, descending) of s1[a] + s2[b], expert id i1[a] * n + i2[b], over
     the candidates a, b < CAND of the halves (best1, best2 [BM, KP], packed, descending),
@@ -562,9 +586,7 @@ def _pair_topk(best1, best2, n, K: tl.constexpr, K_PAD: tl.constexpr, CAND: tl.c
     cols = tl.arange(0, KP)
     s1, i1 = _unpack(best1)
     live = (cols[None, :] < CAND) & (best1 != -9223372036854775808)  # [BM, KP] lists
-    top2 = tl.max(best2, axis=1)  # best2[:, 0]
-    s2, i2 = _unpack(top2)
-    heads = _pack_pair(s1 + s2[:, None], i1 * n + i2[:, None], 0, live & (top2 != -9223372036854775808)[:, None])
+    heads = _first_heads(best1, best2, s1, i1, n, CAND, KP)
     slot = tl.arange(0, K_PAD)
     out = tl.full((best1.shape[0], K_PAD), -9223372036854775808, tl.int64)
     for r in range(K):
@@ -576,6 +598,91 @@ def _pair_topk(best1, best2, n, K: tl.constexpr, K_PAD: tl.constexpr, CAND: tl.c
         ok = live & ((b < CAND) & (nxt != -9223372036854775808))[:, None]
         heads = tl.where(heads == m[:, None], _pack_pair(s1 + sn[:, None], i1 * n + i_n[:, None], b[:, None], ok), heads)
     return out
+
+
+def _pair_round_asm() -> str:
+    """PTX of one round of _pair_topk_quad's merge, one block per thread (pack = 8) on [64, 16]
+    tensors in the wgmma layout that PAIR_CHECK_ASM checks (rows A A B B per 4 elements,
+    thread t of a quad holding columns 8j + 2t + {0, 1}): each row's 16 list heads
+    (packed as _pack_pair) lie 4 per thread of its quad. The round takes the quad's best
+    head (the maximum of the thread's 4, then 2 butterfly shuffles), writes it to the element
+    of column r, fetches the next place b of the winning list from best2 (one indexed
+    shuffle per word, from the thread holding column b) and packs the one new head of that
+    list, instead of row reductions and a pack of every head (_pair_topk).
+    Operands: $0-7 heads out, $8-15 pairs out (int64); in: $16-23 heads, $24-31 pairs,
+    $32-39 s1 (fp32), $40-47 i1 * n, $48-55 s2 (fp32), $56-63 i2 (-1: no candidate),
+    $64-71 r, $72-79 CAND (the last two the same in every element)."""
+    minv = "0x8000000000000000"
+    elems = {"a": (0, 1, 4, 5), "b": (2, 3, 6, 7)}  # row A / B: list i in element elems[X][i]
+    lines = ["{", ".reg .pred p, v, p1, p8, u, w<4>;",
+             ".reg .b32 lane, t, t0, t1, key, low, b, lb, x, y, s2b, i2b, s1w, n1w, sum, rr;",
+             ".reg .b64 m, o, nw;", "mov.u32 lane, %laneid;", "and.b32 lane, lane, 3;", "shl.b32 t0, lane, 1;",
+             "sub.s32 rr, $64, t0;"]  # column r is element e of this thread where rr = 8 (e // 4) + e % 2
+    lines += [f"mov.b64 ${e}, ${16 + e};" for e in range(8)] + [f"mov.b64 ${8 + e}, ${24 + e};" for e in range(8)]
+    for x, es in elems.items():
+        h = [f"${e}" for e in es]
+        lines += [f"max.s64 m, {h[0]}, {h[1]};", f"max.s64 o, {h[2]}, {h[3]};", "max.s64 m, m, o;"]
+        for d in (1, 2):
+            lines += ["mov.b64 {t0, t1}, m;", f"shfl.sync.bfly.b32 t0, t0, {d}, 0x1c1f, 0xffffffff;",
+                      f"shfl.sync.bfly.b32 t1, t1, {d}, 0x1c1f, 0xffffffff;", "mov.b64 o, {t0, t1};", "max.s64 m, m, o;"]
+        for e in es:
+            lines += [f"setp.eq.s32 p, rr, {8 * (e // 4) + e % 2};", f"@p mov.b64 ${8 + e}, m;"]
+        # the winning list's next place b: best2[b] from the thread of the quad holding column b
+        s2, i2 = [f"${48 + e}" for e in es], [f"${56 + e}" for e in es]
+        lines += ["mov.b64 {low, key}, m;", "and.b32 b, low, 63;", "add.s32 b, b, 1;",
+                  "and.b32 t, b, 1;", "setp.ne.u32 p1, t, 0;", "setp.ge.u32 p8, b, 8;",
+                  f"selp.b32 x, {s2[1]}, {s2[0]}, p1;", f"selp.b32 y, {s2[3]}, {s2[2]}, p1;", "selp.b32 x, y, x, p8;",
+                  f"selp.b32 t0, {i2[1]}, {i2[0]}, p1;", f"selp.b32 y, {i2[3]}, {i2[2]}, p1;", "selp.b32 t0, y, t0, p8;",
+                  "bfe.u32 lb, b, 1, 2;", "shfl.sync.idx.b32 s2b, x, lb, 0x1c1f, 0xffffffff;",
+                  "shfl.sync.idx.b32 i2b, t0, lb, 0x1c1f, 0xffffffff;"]
+        s1, n1 = [f"${32 + e}" for e in es], [f"${40 + e}" for e in es]
+        lines += [f"setp.eq.s64 w{i}, {h[i]}, m;" for i in range(4)]
+        lines += ["or.pred u, w2, w3;",
+                  f"selp.b32 s1w, {s1[1]}, {s1[0]}, w1;", f"selp.b32 x, {s1[3]}, {s1[2]}, w3;", "selp.b32 s1w, x, s1w, u;",
+                  f"selp.b32 n1w, {n1[1]}, {n1[0]}, w1;", f"selp.b32 x, {n1[3]}, {n1[2]}, w3;", "selp.b32 n1w, x, n1w, u;",
+                  "add.f32 sum, s1w, s2b;", "add.s32 t1, n1w, i2b;",
+                  # _pack_pair: order-preserving score bits << 32 | (MAX_ID - id) << 6 | b
+                  "mov.b32 key, sum;", "shr.s32 t, key, 31;", "and.b32 t, t, 0x7FFFFFFF;", "xor.b32 key, key, t;",
+                  "sub.s32 low, 16777216, t1;", "shl.b32 low, low, 6;", "or.b32 low, low, b;", "mov.b64 nw, {low, key};",
+                  "setp.lt.s32 v, b, $72;", "setp.ge.and.s32 v, i2b, 0, v;", f"setp.ne.and.s64 v, m, {minv}, v;",
+                  f"@!v mov.b64 nw, {minv};"]
+        lines += [f"@w{i} mov.b64 {h[i]}, nw;" for i in range(4)]
+    return "\n".join(lines + ["}"])
+
+
+PAIR_ROUND_ASM = tl.constexpr(_pair_round_asm())
+PAIR_ROUND_CONS = tl.constexpr(",".join(["=l"] * 16 + ["l"] * 16 + ["f"] * 8 + ["r"] * 8 + ["f"] * 8 + ["r"] * 24))
+# operands: $0-7 out (1: the layout _pair_round_asm assumes), $8-15 best1 (unused: it ties the
+# block to best1's layout; rows and columns alone may get another), $16-23 rows, $24-31 columns
+PAIR_CHECK_ASM = tl.constexpr("\n".join(["{", ".reg .pred ok;", ".reg .b32 lane, ra, rb, t, t0;"] + _layout_check(8, 16, 24)
+                                         + [f"selp.s32 ${e}, 1, 0, ok;" for e in range(8)] + ["}"]))
+PAIR_CHECK_CONS = tl.constexpr(",".join(["=r"] * 8 + ["l"] * 8 + ["r"] * 16))
+
+
+@triton.jit
+def _pair_topk_quad(best1, best2, n, K: tl.constexpr, CAND: tl.constexpr, KP: tl.constexpr,
+                    FALLBACK: tl.constexpr):
+    """_pair_topk for 64-row programs on a GPU (K = KP = 16): the same merge, each round one
+    asm block per thread (_pair_round_asm); if the register layout is not the one it assumes
+    (PAIR_CHECK_ASM), _pair_topk instead (FALLBACK=False: not)."""
+    cols = tl.broadcast_to(tl.arange(0, KP)[None, :], best1.shape)
+    rows = tl.broadcast_to(tl.arange(0, best1.shape[0])[:, None], best1.shape)
+    s1, i1 = _unpack(best1)
+    s2, i2 = _unpack(best2)
+    i2 = tl.where(best2 != -9223372036854775808, i2, -1)
+    heads = _first_heads(best1, best2, s1, i1, n, CAND, KP)
+    pairs = tl.full(best1.shape, -9223372036854775808, tl.int64)
+    for r in range(K):
+        heads, pairs = tl.inline_asm_elementwise(
+            PAIR_ROUND_ASM, PAIR_ROUND_CONS, [heads, pairs, s1, i1 * n, s2, i2, tl.zeros(best1.shape, tl.int32) + r,
+                                              tl.full(best1.shape, CAND, tl.int32)],
+            dtype=(tl.int64, tl.int64), is_pure=True, pack=8)
+    if FALLBACK:
+        ok = tl.inline_asm_elementwise(PAIR_CHECK_ASM, PAIR_CHECK_CONS, [best1, rows, cols], dtype=tl.int32,
+                                       is_pure=True, pack=8)
+        if tl.min(tl.min(ok, axis=1), axis=0) == 0:
+            pairs = _pair_topk(best1, best2, n, K, KP, CAND, KP)
+    return pairs
 
 
 @triton.jit
@@ -605,11 +712,18 @@ def pk_topk_fwd_kernel(
         kbase = keys_ptr + h.to(tl.int64) * (2 * n * DH)
     else:
         kbase = keys_ptr
+    # the paper config's 64-row programs on a GPU: the threshold, the ranking and the pair merge
+    # run as inline-asm blocks on the wgmma register layout ("quad lists" above, _pair_round_asm)
+    QUAD: tl.constexpr = NATIVE and PREFIX_SLOTS and BLOCK_M == 64 and BLOCK_N == 64 and GROUPS == 64 and KP == 16
     best1 = _half_topk(q_row_ptr, kbase, scr_row_ptr, cnt_row_ptr, offs_m, m_mask, n, DH, DH_PAD, KP, GROUPS, CAP,
-                       BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION, PREFIX_SLOTS, NATIVE, FALLBACK)
+                       BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION, PREFIX_SLOTS, NATIVE, QUAD, FALLBACK)
     best2 = _half_topk(q_row_ptr + DH, kbase + n * DH, scr_row_ptr, cnt_row_ptr + 1, offs_m, m_mask, n, DH, DH_PAD, KP,
-                       GROUPS, CAP, BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION, PREFIX_SLOTS, NATIVE, FALLBACK)
-    sc, ids = _unpack_pair(_pair_topk(best1, best2, n, K, K_PAD, CAND, KP))  # [BLOCK_M, K_PAD]
+                       GROUPS, CAP, BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION, PREFIX_SLOTS, NATIVE, QUAD, FALLBACK)
+    if QUAD and K == 16:
+        pairs = _pair_topk_quad(best1, best2, n, K, CAND, KP, FALLBACK)
+    else:
+        pairs = _pair_topk(best1, best2, n, K, K_PAD, CAND, KP)
+    sc, ids = _unpack_pair(pairs)  # [BLOCK_M, K_PAD]
     offs_k = tl.arange(0, K_PAD)
     out = row[:, None] * K + offs_k[None, :]
     o_mask = m_mask[:, None] & (offs_k[None, :] < K)

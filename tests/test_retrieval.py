@@ -386,22 +386,27 @@ def test_gpu_paper_config(shared):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shared,t", [(False, 4096), (True, 4095)])
-def test_gpu_quad_lists_need_no_fallback(shared, t):
-    """The paper config's threshold and ranking run as inline-asm quad lists that check the
-    register layout they assume and send a block to the exact fallback on a mismatch. On
-    random data no block needs the fallback: without it (fallback=False) the kernel must
-    give the same scores and ids bit for bit, so a layout change in a new Triton (every block
-    falling back: correct but slow) fails here."""
+@pytest.mark.parametrize("shared,t,cand,scale", [(False, 4096, 16, 1.0), (True, 4095, 16, 1.0), (False, 4096, 11, 1.0),
+                                                 (False, 4096, 16, 300.0)])
+def test_gpu_quad_lists_need_no_fallback(shared, t, cand, scale):
+    """The paper config's threshold, ranking and pair merge run as inline-asm blocks on the
+    wgmma register layout that check the layout they assume and send a block to the exact
+    fallback on a mismatch. On random data no block needs the fallback: without it
+    (fallback=False) the kernel must give the same scores and ids bit for bit, so a layout
+    change in a new Triton (every block falling back: correct but slow) fails here; cand =
+    11 < k = 16 also leaves lists of the pair merge dead and ends the live ones early; scale
+    = 300 puts the scores (~1e5) past fp16's range, where pass B's bf16 compares must still
+    keep every survivor and few others."""
     from peer_kernels import retrieval as R
 
     q, keys = _inputs((t,), 8, 1024, 128, shared, torch.bfloat16, torch.bfloat16, "cuda", seed=11)
+    q, keys = q * scale, keys * scale
     assert R._fwd_config(1024, 16, 64, False, R._many_rows(q.device, t, 8))["BLOCK_M"] == 64
-    s, i = R._launch_fwd(q, keys, 16, 16)
-    s_fast, i_fast = R._launch_fwd(q, keys, 16, 16, fallback=False)
+    s, i = R._launch_fwd(q, keys, 16, cand)
+    s_fast, i_fast = R._launch_fwd(q, keys, 16, cand, fallback=False)
     assert torch.equal(i_fast, i) and torch.equal(s_fast, s)
-    s_ref, i_ref = ref.product_key_topk(q, keys, 16)
-    assert_topk_match(s, i, s_ref, i_ref, tol=1e-3)
+    s_ref, i_ref = ref.product_key_topk(q, keys, 16, cand)
+    assert_topk_match(s, i, s_ref, i_ref, tol=1e-3 * scale**2)
     assert (i == i_ref).float().mean() > 0.999
 
 
