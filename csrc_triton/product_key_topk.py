@@ -614,6 +614,11 @@ def _pair_round_asm() -> str:
     $64-71 r, $72-79 CAND (the last two the same in every element)."""
     minv = "0x8000000000000000"
     elems = {"a": (0, 1, 4, 5), "b": (2, 3, 6, 7)}  # row A / B: list i in element elems[X][i]
+
+    def pick4(dst, v, lo, hi, upper):  # dst = upper ? (hi ? v3 : v2) : (lo ? v1 : v0); uses y
+        return [f"selp.b32 {dst}, {v[1]}, {v[0]}, {lo};", f"selp.b32 y, {v[3]}, {v[2]}, {hi};",
+                f"selp.b32 {dst}, y, {dst}, {upper};"]
+
     lines = ["{", ".reg .pred p, v, p1, p8, u, w<4>;",
              ".reg .b32 lane, t, t0, t1, key, low, b, lb, x, y, s2b, i2b, s1w, n1w, sum, rr;",
              ".reg .b64 m, o, nw;", "mov.u32 lane, %laneid;", "and.b32 lane, lane, 3;", "shl.b32 t0, lane, 1;",
@@ -624,26 +629,25 @@ def _pair_round_asm() -> str:
         lines += [f"max.s64 m, {h[0]}, {h[1]};", f"max.s64 o, {h[2]}, {h[3]};", "max.s64 m, m, o;"]
         for d in (1, 2):
             lines += ["mov.b64 {t0, t1}, m;", f"shfl.sync.bfly.b32 t0, t0, {d}, 0x1c1f, 0xffffffff;",
-                      f"shfl.sync.bfly.b32 t1, t1, {d}, 0x1c1f, 0xffffffff;", "mov.b64 o, {t0, t1};", "max.s64 m, m, o;"]
+                      f"shfl.sync.bfly.b32 t1, t1, {d}, 0x1c1f, 0xffffffff;", "mov.b64 o, {t0, t1};",
+                      "max.s64 m, m, o;"]
         for e in es:
             lines += [f"setp.eq.s32 p, rr, {8 * (e // 4) + e % 2};", f"@p mov.b64 ${8 + e}, m;"]
         # the winning list's next place b: best2[b] from the thread of the quad holding column b
         s2, i2 = [f"${48 + e}" for e in es], [f"${56 + e}" for e in es]
         lines += ["mov.b64 {low, key}, m;", "and.b32 b, low, 63;", "add.s32 b, b, 1;",
-                  "and.b32 t, b, 1;", "setp.ne.u32 p1, t, 0;", "setp.ge.u32 p8, b, 8;",
-                  f"selp.b32 x, {s2[1]}, {s2[0]}, p1;", f"selp.b32 y, {s2[3]}, {s2[2]}, p1;", "selp.b32 x, y, x, p8;",
-                  f"selp.b32 t0, {i2[1]}, {i2[0]}, p1;", f"selp.b32 y, {i2[3]}, {i2[2]}, p1;", "selp.b32 t0, y, t0, p8;",
-                  "bfe.u32 lb, b, 1, 2;", "shfl.sync.idx.b32 s2b, x, lb, 0x1c1f, 0xffffffff;",
+                  "and.b32 t, b, 1;", "setp.ne.u32 p1, t, 0;", "setp.ge.u32 p8, b, 8;"]
+        lines += pick4("x", s2, "p1", "p1", "p8") + pick4("t0", i2, "p1", "p1", "p8")
+        lines += ["bfe.u32 lb, b, 1, 2;", "shfl.sync.idx.b32 s2b, x, lb, 0x1c1f, 0xffffffff;",
                   "shfl.sync.idx.b32 i2b, t0, lb, 0x1c1f, 0xffffffff;"]
         s1, n1 = [f"${32 + e}" for e in es], [f"${40 + e}" for e in es]
-        lines += [f"setp.eq.s64 w{i}, {h[i]}, m;" for i in range(4)]
-        lines += ["or.pred u, w2, w3;",
-                  f"selp.b32 s1w, {s1[1]}, {s1[0]}, w1;", f"selp.b32 x, {s1[3]}, {s1[2]}, w3;", "selp.b32 s1w, x, s1w, u;",
-                  f"selp.b32 n1w, {n1[1]}, {n1[0]}, w1;", f"selp.b32 x, {n1[3]}, {n1[2]}, w3;", "selp.b32 n1w, x, n1w, u;",
-                  "add.f32 sum, s1w, s2b;", "add.s32 t1, n1w, i2b;",
+        lines += [f"setp.eq.s64 w{i}, {h[i]}, m;" for i in range(4)] + ["or.pred u, w2, w3;"]
+        lines += pick4("s1w", s1, "w1", "w3", "u") + pick4("n1w", n1, "w1", "w3", "u")
+        lines += ["add.f32 sum, s1w, s2b;", "add.s32 t1, n1w, i2b;",
                   # _pack_pair: order-preserving score bits << 32 | (MAX_ID - id) << 6 | b
                   "mov.b32 key, sum;", "shr.s32 t, key, 31;", "and.b32 t, t, 0x7FFFFFFF;", "xor.b32 key, key, t;",
-                  "sub.s32 low, 16777216, t1;", "shl.b32 low, low, 6;", "or.b32 low, low, b;", "mov.b64 nw, {low, key};",
+                  "sub.s32 low, 16777216, t1;", "shl.b32 low, low, 6;", "or.b32 low, low, b;",
+                  "mov.b64 nw, {low, key};",
                   "setp.lt.s32 v, b, $72;", "setp.ge.and.s32 v, i2b, 0, v;", f"setp.ne.and.s64 v, m, {minv}, v;",
                   f"@!v mov.b64 nw, {minv};"]
         lines += [f"@w{i} mov.b64 {h[i]}, nw;" for i in range(4)]
@@ -654,8 +658,9 @@ PAIR_ROUND_ASM = tl.constexpr(_pair_round_asm())
 PAIR_ROUND_CONS = tl.constexpr(",".join(["=l"] * 16 + ["l"] * 16 + ["f"] * 8 + ["r"] * 8 + ["f"] * 8 + ["r"] * 24))
 # operands: $0-7 out (1: the layout _pair_round_asm assumes), $8-15 best1 (unused: it ties the
 # block to best1's layout; rows and columns alone may get another), $16-23 rows, $24-31 columns
-PAIR_CHECK_ASM = tl.constexpr("\n".join(["{", ".reg .pred ok;", ".reg .b32 lane, ra, rb, t, t0;"] + _layout_check(8, 16, 24)
-                                         + [f"selp.s32 ${e}, 1, 0, ok;" for e in range(8)] + ["}"]))
+PAIR_CHECK_ASM = tl.constexpr("\n".join(["{", ".reg .pred ok;", ".reg .b32 lane, ra, rb, t, t0;"]
+                                         + _layout_check(8, 16, 24) + [f"selp.s32 ${e}, 1, 0, ok;" for e in range(8)]
+                                         + ["}"]))
 PAIR_CHECK_CONS = tl.constexpr(",".join(["=r"] * 8 + ["l"] * 8 + ["r"] * 16))
 
 

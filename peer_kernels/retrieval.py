@@ -50,9 +50,9 @@ def _fwd_config(n: int, kp: int, dh: int = 64, upcast: bool = False, many_rows: 
     block_m, block_n = (64, 64) if big else (16, 128)
     block_n = max(kp, min(block_n, _pow2(n, 16)))
     # 64-row programs: every column of pass A's running maximum is a group (64 groups of 16
-    # sub-keys at n = 1024: ~18 survivors per row on random data, never more than CAP / 2
-    # in a million rows; 32 groups of 32 left ~21 and 10% of the blocks with a row of more
-    # than CAP / 2, ranked by the slower full-width rounds, bench/NOTES.md)
+    # sub-keys at n = 1024: ~18 survivors per row on random data, at most 26 in 20K rows;
+    # 32 groups of 32 left ~21 and 10% of the blocks with a row of more than CAP / 2,
+    # ranked by the slower full-width rounds, bench/NOTES.md)
     groups = block_n if big else max(kp, min(32, block_n))
     cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, GROUPS=groups, CAP=max(64, 2 * kp), num_warps=4)
     if not interpreting():
