@@ -39,7 +39,8 @@ def main():
     BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     sig = {"q_ptr": "*bf16", "keys_ptr": "*bf16", "scores_ptr": "*fp32", "ids_ptr": "*i64", "scratch_ptr": "*i64",
            "M": "i32", "n": "i32", "H": "i32"}
-    consts = dict(DK=128, DH_PAD=64, PER_HEAD=True, K=k, K_PAD=k, CAND=k, KP=k, GROUPS=max(k, bn) if bm >= 64 else max(k, 32), CAP=max(64, 2 * k),
+    groups = max(k, bn) if bm >= 64 else max(k, 32)  # as retrieval._fwd_config
+    consts = dict(DK=128, DH_PAD=64, PER_HEAD=True, K=k, K_PAD=k, CAND=k, KP=k, GROUPS=groups, CAP=max(64, 2 * k),
                   BLOCK_M=bm, BLOCK_N=max(k, bn), EVEN_N=True, UPCAST=False, PRECISION="tf32", NATIVE=True,
                   PREFIX_SLOTS=bm >= 64, FALLBACK=True)
     consts = {a: v for a, v in consts.items() if a in K.pk_topk_fwd_kernel.arg_names}

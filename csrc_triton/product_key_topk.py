@@ -670,8 +670,6 @@ def _pair_topk_quad(best1, best2, n, K: tl.constexpr, CAND: tl.constexpr, KP: tl
     """_pair_topk for 64-row programs on a GPU (K = KP = 16): the same merge, each round one
     asm block per thread (_pair_round_asm); if the register layout is not the one it assumes
     (PAIR_CHECK_ASM), _pair_topk instead (FALLBACK=False: not)."""
-    cols = tl.broadcast_to(tl.arange(0, KP)[None, :], best1.shape)
-    rows = tl.broadcast_to(tl.arange(0, best1.shape[0])[:, None], best1.shape)
     s1, i1 = _unpack(best1)
     s2, i2 = _unpack(best2)
     i2 = tl.where(best2 != -9223372036854775808, i2, -1)
@@ -683,6 +681,8 @@ def _pair_topk_quad(best1, best2, n, K: tl.constexpr, CAND: tl.constexpr, KP: tl
                                               tl.full(best1.shape, CAND, tl.int32)],
             dtype=(tl.int64, tl.int64), is_pure=True, pack=8)
     if FALLBACK:
+        rows = tl.broadcast_to(tl.arange(0, best1.shape[0])[:, None], best1.shape)
+        cols = tl.broadcast_to(tl.arange(0, KP)[None, :], best1.shape)
         ok = tl.inline_asm_elementwise(PAIR_CHECK_ASM, PAIR_CHECK_CONS, [best1, rows, cols], dtype=tl.int32,
                                        is_pure=True, pack=8)
         if tl.min(tl.min(ok, axis=1), axis=0) == 0:

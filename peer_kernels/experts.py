@@ -285,5 +285,6 @@ def peer_experts(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, do
     lead = x.shape[:-1]
     hk = indices.shape[-2] * indices.shape[-1]
     op = _experts_op if use_registered_op(x, indices, gates, down, up) else _experts_eager
-    y, _ = op(x.reshape(-1, x.shape[-1]), indices.reshape(-1, hk), gates.reshape(-1, hk), down, up, activation, mode, vmode)
+    y, _ = op(x.reshape(-1, x.shape[-1]), indices.reshape(-1, hk), gates.reshape(-1, hk), down, up, activation, mode,
+              vmode)
     return y.reshape(*lead, x.shape[-1])
