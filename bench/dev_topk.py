@@ -1,6 +1,7 @@
 """Development: the retrieval forward kernel at the paper config (T=4096, H=8, n=1024,
 Dk=128, k=16, bf16): launch configs, the time split (scores vs selection) and the
-fallback path; the backward's kernels (GPU time per kernel, keys-kernel launch configs).
+fallback path; the backward's kernels (GPU time per kernel, both groupings by dC row,
+keys-kernel launch configs).
 See bench/NOTES.md. GPU only."""
 import os, sys, torch, triton
 import triton.language as tl
@@ -108,9 +109,10 @@ for T in (4096, 16384):
     g = harness.graphed(fb_graph)
     print(f"T={T} public op fwd+bwd as a CUDA graph (GPU time, no launch overhead): {ms(g.replay):.4f} ms", flush=True)
     del g
-    print(f"T={T} backward launcher (dq kernel + sort + dC kernel): {ms(lambda: R._launch_bwd(gs, q, keys, ids)):.4f} ms, "
-          f"CPU {cpu_us(lambda: R._launch_bwd(gs, q, keys, ids)):.0f} us", flush=True)
-    print(f"T={T} backward kernels, us per call: {kernel_us(lambda: R._launch_bwd(gs, q, keys, ids))}", flush=True)
+    for method in ("bitmap", "sort"):  # the selections grouped by row: counting sort from bitmaps / torch.sort
+        bwd = lambda: R._launch_bwd(gs, q, keys, ids, method=method)
+        print(f"T={T} backward launcher, {method} grouping: {ms(bwd):.4f} ms, CPU {cpu_us(bwd):.0f} us; "
+              f"kernels, us per call: {kernel_us(bwd)}", flush=True)
     # keys kernel launch configs (measured 2026-11-30, bench/NOTES.md "Seventh session")
     for cfg in ((16, 16, 4), (16, 32, 4), (16, 8, 4), (32, 8, 4)) if T == 4096 else ():
         R._bwd_keys_config = lambda: dict(ROWS=cfg[0], BLOCK_J=cfg[1], num_warps=cfg[2])

@@ -7,5 +7,6 @@ checkout `peer_kernels/__init__.py` loads it under the same name.
 - peer_experts_fwd.py: stage 2, the gathered single-neuron experts, forward.
 - peer_experts_bwd.py: stage 2, backward (dx, dgates, d_down, d_up).
 - segments.py: CSR offsets of sorted row ids (the deterministic backward of both stages).
+- key_segments.py: stage 1's backward, its selections grouped by sub-key row without a sort.
 - index_check.py: stage 2's id check on the GPU (a device assert, no host sync).
 """

@@ -32,12 +32,15 @@ Speed and what was tried: bench/NOTES.md.
 
 The forward is deterministic: the atomics of 16-row programs only pick slots.
 
-Backward (both deterministic, no atomics):
+Backward (deterministic: no floating-point atomics):
   `pk_topk_bwd_query_kernel`: dq_p[m] = sum_r g[m, r] * C_p[sub_p(id[m, r])], a gather; it
-  also writes the sort key (dC row) of each selection, with a (token, head)'s repeats of a
-  sub-key merged into the first (summed g), the rest sent past every segment.
+  also writes the dC row of each selection, with a (token, head)'s repeats of a sub-key
+  merged into the first (summed g), the rest sent past every segment, and (BITMAP) sets the
+  selection's bit in its row's bitmap (integer atomic OR: the same bits in any order).
+  The selections are then grouped by row, in a fixed order: by a counting sort from those
+  bitmaps (csrc_triton/key_segments.py) or, where the bitmaps would be large, by a stable sort.
   `pk_topk_bwd_keys_kernel`: dC_p[c] = sum of g[m, r] * q_p[m] over the selections whose
-  half-p sub-key is c: a segmented sum over the selections sorted by sub-key row (as the
+  half-p sub-key is c: a segmented sum over the selections grouped by sub-key row (as the
   expert tables' backward), each program owning 16 rows of dC, summed side by side.
 """
 import triton
@@ -738,10 +741,10 @@ def pk_topk_fwd_kernel(
 
 @triton.jit
 def pk_topk_bwd_query_kernel(
-    dscores_ptr, ids_ptr, keys_ptr, dq_ptr, rows_ptr, gsum_ptr,
-    M, n, H, MHK, NUM_ROWS,
+    dscores_ptr, ids_ptr, keys_ptr, dq_ptr, rows_ptr, gsum_ptr, bits_ptr,
+    M, n, H, MHK, NUM_ROWS, WORDS,
     DK: tl.constexpr, DH_PAD: tl.constexpr, PER_HEAD: tl.constexpr,
-    K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BITMAP: tl.constexpr,
 ):
     """dq_p[m] = sum_r g[m, r] * C_p[sub_p(id[m, r])] (a gather of the selected sub-keys), and
     what the keys kernel needs per selection (p, m, h, r), flat p * MHK + (m*H + h)*K + r:
@@ -751,7 +754,10 @@ def pk_topk_bwd_query_kernel(
     (lowest r) keeps its row and gsum; the others get the row NUM_ROWS (sorted past every
     segment) and 0, and are not gathered here. With k = 16 of 16 candidates a (m, h) picks
     ~7 distinct sub-keys per half, so the keys kernel walks ~2.3x fewer selections (H200,
-    paper config, T = 4096: 56 -> 22 us; bench/NOTES.md)."""
+    paper config, T = 4096: 56 -> 22 us; bench/NOTES.md). BITMAP: each first selection also
+    sets the bit of its unit (m, or m*H + h with shared keys) in its row's bitmap (bits
+    [NUM_ROWS, WORDS] int32, atomic OR), from which bitmap_segments groups the selections
+    by row without a sort (csrc_triton/key_segments.py)."""
     DH: tl.constexpr = DK // 2
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -791,6 +797,13 @@ def pk_topk_bwd_query_kernel(
         tl.debug_barrier()
         tl.store(ptrs, tl.where(first, key, NUM_ROWS).to(rows_ptr.dtype.element_ty), mask=k_mask)
         tl.store(gsum_ptr + p * MHK + sel, gsum, mask=k_mask)
+        if BITMAP:
+            if PER_HEAD:
+                unit = offs_m
+            else:
+                unit = offs_m * H + h
+            word = key.to(tl.int64) * WORDS + (unit // 32)[:, None]
+            tl.atomic_or(bits_ptr + word, (1 << (unit % 32))[:, None] + tl.zeros_like(key), mask=first, sem="relaxed")
         c = tl.load(kbase + p * n * DH + sub[:, :, None].to(tl.int64) * DH + offs_d[None, None, :],
                     mask=first[:, :, None] & (offs_d < DH)[None, None, :], other=0.0)
         dq = tl.sum(gsum[:, :, None] * c.to(tl.float32), axis=1)  # [BLOCK_M, DH_PAD]

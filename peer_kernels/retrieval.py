@@ -13,7 +13,7 @@ from . import reference
 from .checks import cdiv, check_product_key_args, interpreting, next_pow2, resolve_backend
 from .csrc_triton import product_key_topk as kernels
 from .eager import eager_function, use_registered_op
-from .segments import sorted_segments
+from .segments import bitmap_bytes, bitmap_segments, new_bitmaps, sorted_segments
 
 __all__ = ["product_key_topk"]
 
@@ -115,7 +115,16 @@ def _bwd_keys_config() -> dict:
     return dict(ROWS=16, BLOCK_J=16, num_warps=4)
 
 
-def _launch_bwd(grad_scores, query, sub_keys, ids):
+def _use_bitmap(num_rows: int, units: int, selections_per_half: int) -> bool:
+    """bitmap_segments where its scratch (dense bitmaps: n bits per unit and row set) takes at
+    most 16 bytes per selection, about what the sort path needs (keys, int64 values, CUB
+    buffers): n <= ~100 k. H200, paper config (n = 1024, k = 16), T = 4096: see bench/NOTES.md."""
+    selections = 2 * selections_per_half
+    return selections < 2**31 and bitmap_bytes(num_rows, units) <= 16 * selections
+
+
+def _launch_bwd(grad_scores, query, sub_keys, ids, method: str | None = None):
+    """dq, dkeys. method: None (by _use_bitmap), "bitmap" or "sort" (the grouping by row)."""
     heads, dk = query.shape[-2], query.shape[-1]
     k = ids.shape[-1]
     q = query.reshape(-1, heads, dk)
@@ -129,20 +138,28 @@ def _launch_bwd(grad_scores, query, sub_keys, ids):
     num_sets = heads if per_head else 1
     if m == 0:
         return dq.reshape(query.shape), torch.zeros_like(sub_keys)
-    # dC: the selections sorted by the dC row they add to (row = (set * 2 + p) * n + sub-key;
-    # a (m, h)'s repeats of a sub-key merged into its first, the rest sent to row num_rows;
-    # 16-bit keys when they fit: the radix sort makes half the passes), then one program per
-    # ROWS rows sums their segments (fixed order, no atomics)
+    # dC: the selections grouped by the dC row they add to (row = (set * 2 + p) * n + sub-key;
+    # a (m, h)'s repeats of a sub-key merged into its first, the rest sent to row num_rows),
+    # then one program per ROWS rows sums their segments (fixed order, no atomics). The
+    # grouping: bitmap_segments (a counting sort from bitmaps the query kernel fills) where
+    # its scratch is small, else a stable sort (16-bit keys when they fit: half the passes)
     num_rows = num_sets * 2 * n
+    units = m if per_head else m * heads
+    bitmap = _use_bitmap(num_rows, units, m * heads * k) if method is None else method == "bitmap"
     narrow = num_rows < 2**15
     rows = torch.empty((2, m, heads, k), device=e.device, dtype=torch.int16 if narrow else torch.int32)
     gsum = torch.empty((2, m, heads, k), device=e.device, dtype=torch.float32)
+    bits = new_bitmaps(num_rows, units, e.device) if bitmap else rows  # (rows: an unused stand-in)
     block_m = 16
     kernels.pk_topk_bwd_query_kernel[(cdiv(m, block_m), heads)](
-        g, e, sub_keys, dq, rows, gsum, m, n, heads, m * heads * k, num_rows,
-        DK=dk, DH_PAD=dh_pad, PER_HEAD=per_head, K=k, K_PAD=_pow2(k, 2), BLOCK_M=block_m, num_warps=4,
+        g, e, sub_keys, dq, rows, gsum, bits, m, n, heads, m * heads * k, num_rows, bits.shape[-1],
+        DK=dk, DH_PAD=dh_pad, PER_HEAD=per_head, K=k, K_PAD=_pow2(k, 2), BLOCK_M=block_m, BITMAP=bitmap,
+        num_warps=4,
     )
-    order, offsets, _ = sorted_segments(rows, num_rows + 1, narrow_ids=narrow)
+    if bitmap:
+        order, offsets = bitmap_segments(rows, bits, num_rows, per_head)
+    else:
+        order, offsets, _ = sorted_segments(rows, num_rows + 1, narrow_ids=narrow)
     dkeys = torch.empty(sub_keys.shape, device=sub_keys.device, dtype=sub_keys.dtype)
     cfg = _bwd_keys_config()
     kernels.pk_topk_bwd_keys_kernel[(cdiv(num_rows, cfg["ROWS"]),)](

@@ -265,6 +265,80 @@ def test_backward_repeated_sub_keys_and_wide_rows(n, device):
     assert torch.equal(dq, dq2) and torch.equal(dkeys, dkeys2)
 
 
+@pytest.mark.parametrize("per_head,m,heads,n,k", [(True, 300, 2, 20, 9), (False, 70, 3, 11, 4), (True, 33, 1, 6, 16)])
+def test_backward_bitmap_grouping_matches_the_sort(per_head, m, heads, n, k, device):
+    """The backward with its selections grouped by the bitmaps' counting sort against the
+    stable-sort grouping: dq and dkeys bitwise equal (the same summation order), and against
+    autograd through the score formula. Units (m, or m*H + h with shared keys) span several
+    128-unit parts and every bit of a word; sub-keys repeat within a (token, head)."""
+    from peer_kernels import retrieval as R
+
+    gen = torch.Generator().manual_seed(m)
+    dk = 8
+    q = torch.randn(m, heads, dk, generator=gen)
+    keys = torch.randn(*((heads,) if per_head else ()), 2, n, dk // 2, generator=gen)
+    i1 = torch.randint(0, min(n, 4), (m, heads, k), generator=gen)
+    i2 = torch.stack([torch.randperm(n * n, generator=gen)[:k] % n for _ in range(m * heads)]).view(m, heads, k)
+    ids = i1 * n + i2
+    g = torch.randn(m, heads, k, generator=gen)
+    q, keys, ids, g = (t.to(device) for t in (q, keys, ids, g))
+    dq, dkeys = R._launch_bwd(g, q, keys, ids, method="bitmap")
+    dq_s, dkeys_s = R._launch_bwd(g, q, keys, ids, method="sort")
+    assert torch.equal(dq, dq_s) and torch.equal(dkeys, dkeys_s)
+    qr, kr = q.clone().requires_grad_(), keys.clone().requires_grad_()
+    h = torch.arange(heads, device=device)[None, :, None]
+    c1 = kr[h, 0, ids // n] if per_head else kr[0, ids // n]
+    c2 = kr[h, 1, ids % n] if per_head else kr[1, ids % n]
+    s = (qr[..., None, : dk // 2] * c1).sum(-1) + (qr[..., None, dk // 2:] * c2).sum(-1)
+    dq_ref, dkeys_ref = torch.autograd.grad(s, (qr, kr), g)
+    torch.testing.assert_close(dq, dq_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dkeys, dkeys_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("per_head,m,heads,n,k,dup", [(True, 300, 2, 5, 4, 0.3), (False, 50, 3, 40, 3, 0.5),
+                                                      (True, 6, 2, 7, 16, 1.0)])
+def test_bitmap_segments_against_a_stable_sort(per_head, m, heads, n, k, dup, device):
+    """bitmap_segments alone, on rows with distinct sub-keys per unit and merged repeats
+    (row num_rows, left out; dup = 1: nothing placed), bitmaps built here: the order and the
+    CSR offsets of a stable sort of the rows."""
+    from peer_kernels.segments import bitmap_segments, new_bitmaps
+
+    gen = torch.Generator().manual_seed(m)
+    sets = heads if per_head else 1
+    num_rows = 2 * sets * n
+    units = m if per_head else m * heads
+    sub = torch.stack([torch.randperm(max(n, k), generator=gen)[:k] % n for _ in range(2 * m * heads)])
+    sub = sub.view(2, m, heads, k)
+    st = torch.arange(heads).view(1, 1, heads, 1) if per_head else torch.zeros(1, 1, heads, 1, dtype=torch.long)
+    rows = (st * 2 + torch.arange(2).view(2, 1, 1, 1)) * n + sub
+    first = torch.ones_like(rows, dtype=torch.bool)  # a unit adds once to a row: later repeats left out
+    for r in range(1, k):
+        first[..., r] = (rows[..., r:r + 1] != rows[..., :r]).all(-1)
+    rows = torch.where(first & (torch.rand(rows.shape, generator=gen) >= dup), rows, num_rows)
+    bits = new_bitmaps(num_rows, units, "cpu")
+    unit = (torch.arange(m).view(1, m, 1, 1) * (1 if per_head else heads)
+            + (0 if per_head else torch.arange(heads).view(1, 1, heads, 1))).expand_as(rows)
+    keep = rows < num_rows
+    words = bits.view(-1)
+    for r, u in zip(rows[keep].tolist(), unit[keep].tolist()):
+        words[r * bits.shape[1] + u // 32] |= (1 << (u % 32)) - (2**32 if u % 32 == 31 else 0)
+    order, offsets = bitmap_segments(rows.to(torch.int16).to(device), bits.to(device), num_rows, per_head)
+    flat = rows.reshape(-1)
+    o_ref = torch.sort(flat, stable=True).indices
+    off_ref = torch.searchsorted(flat[o_ref], torch.arange(num_rows + 1))
+    assert torch.equal(offsets.cpu().long(), off_ref)
+    used = int(off_ref[-1])
+    assert torch.equal(order[:used].cpu().long(), o_ref[:used])
+
+
+def test_bitmap_is_the_default_grouping_at_the_paper_config():
+    from peer_kernels import retrieval as R
+
+    assert R._use_bitmap(8 * 2 * 1024, 4096, 4096 * 8 * 16)  # n = 1024, k = 16
+    assert not R._use_bitmap(8 * 2 * 4096, 4096, 4096 * 8 * 16)  # n = 4096: dense bitmaps too big
+    assert not R._use_bitmap(8 * 2 * 1024, 1, 8 * 16)  # one token: the sort
+
+
 def test_reference_search_is_exact_against_brute_force():
     torch.manual_seed(5)
     for shared in (False, True):
