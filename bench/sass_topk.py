@@ -42,7 +42,7 @@ def main():
     groups = max(k, bn) if bm >= 64 else max(k, 32)  # as retrieval._fwd_config
     consts = dict(DK=128, DH_PAD=64, PER_HEAD=True, K=k, K_PAD=k, CAND=k, KP=k, GROUPS=groups, CAP=max(64, 2 * k),
                   BLOCK_M=bm, BLOCK_N=max(k, bn), EVEN_N=True, UPCAST=False, PRECISION="tf32", NATIVE=True,
-                  PREFIX_SLOTS=bm >= 64, FALLBACK=True)
+                  PREFIX_SLOTS=bm >= 64, FALLBACK=opt.get("FALLBACK", "1") == "1")
     consts = {a: v for a, v in consts.items() if a in K.pk_topk_fwd_kernel.arg_names}
     missing = [a for a in K.pk_topk_fwd_kernel.arg_names if a not in sig and a not in consts]
     if missing:

@@ -19,7 +19,7 @@ accumulation), in two passes over the tiles (`_half_topk`):
      all n.
   A row with more than CAP survivors (ties, adversarial data), a NaN score or a register
   layout the quad lists did not expect sends its block to the exact fallback: KP rounds
-  of row maxima per tile (`_half_topk_rounds`).
+  of row maxima per tile (`_half_topk_rounds`, both halves).
 Candidates are packed int64 (order-preserving score bits << 32 | MAX_ID - id: ties go
 to the lower id). Then the top K of the pair sums s_1[a] + s_2[b] of the candidates by a
 K-way merge of the sorted lists (s_1[a] + s_2[b], b = 0, 1, ...): K rounds of a row maximum
@@ -475,9 +475,9 @@ def _half_topk(
     DH: tl.constexpr, DH_PAD: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, CAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, PREFIX_SLOTS: tl.constexpr, NATIVE: tl.constexpr, QUAD: tl.constexpr,
-    FALLBACK: tl.constexpr,
 ):
-    """Top-KP (packed, descending) of s = C q over all n sub-keys of one half.
+    """Top-KP (packed, descending) of s = C q over all n sub-keys of one half, and 1 where
+    the block needs the exact fallback (else 0).
 
     Pass A: scores tile by tile; g = running elementwise max over tiles, so column j of g
     is the maximum of the sub-keys j, j + BLOCK_N, ...; folded to GROUPS disjoint groups.
@@ -488,9 +488,9 @@ def _half_topk(
     counter, used by 16-row programs) by `_survivors_by_prefix` (64 rows) or
     `_survivors_by_atomics` (16 rows), and ranked there.
     If a row has more than CAP survivors (ties, adversarial data) or a NaN score, or the
-    quad lists found another register layout than they assume, the block falls back to KP
-    rounds of row maxima per tile (slow, exact). FALLBACK=False skips the fallback (tests:
-    the fast path alone must be exact on random data)."""
+    quad lists found another register layout than they assume, the block needs the exact
+    fallback, which pk_topk_fwd_kernel runs for both halves (one copy of its code: two
+    inlined here made ptxas spill in the main path's loops, bench/NOTES.md)."""
     offs_d = tl.arange(0, DH_PAD)
     d_mask = offs_d < DH
     q = tl.load(q_row_ptr[:, None] + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
@@ -534,11 +534,7 @@ def _half_topk(
     bad = tl.where(m_mask, (cnt > CAP) | (cnt < need), False) | (nan > 0)
     if QUAD:  # the ranking's layout check (a tau mismatch left no survivors: cnt < need)
         bad = bad | (tl.max(best, axis=1) == LAYOUT_MISMATCH)
-    if FALLBACK:
-        if tl.max(bad.to(tl.int32), axis=0) > 0:
-            best = _half_topk_rounds(q, keys_ptr, n, offs_d, d_mask, DH, KP, BLOCK_M, BLOCK_N, EVEN_N, UPCAST,
-                                     PRECISION)
-    return best
+    return best, tl.max(bad.to(tl.int32), axis=0)
 
 
 @triton.jit
@@ -723,10 +719,29 @@ def pk_topk_fwd_kernel(
     # the paper config's 64-row programs on a GPU: the threshold, the ranking and the pair merge
     # run as inline-asm blocks on the wgmma register layout ("quad lists" above, _pair_round_asm)
     QUAD: tl.constexpr = NATIVE and PREFIX_SLOTS and BLOCK_M == 64 and BLOCK_N == 64 and GROUPS == 64 and KP == 16
-    best1 = _half_topk(q_row_ptr, kbase, scr_row_ptr, cnt_row_ptr, offs_m, m_mask, n, DH, DH_PAD, KP, GROUPS, CAP,
-                       BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION, PREFIX_SLOTS, NATIVE, QUAD, FALLBACK)
-    best2 = _half_topk(q_row_ptr + DH, kbase + n * DH, scr_row_ptr, cnt_row_ptr + 1, offs_m, m_mask, n, DH, DH_PAD, KP,
-                       GROUPS, CAP, BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION, PREFIX_SLOTS, NATIVE, QUAD, FALLBACK)
+    best1, bad1 = _half_topk(q_row_ptr, kbase, scr_row_ptr, cnt_row_ptr, offs_m, m_mask, n, DH, DH_PAD, KP, GROUPS,
+                             CAP, BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION, PREFIX_SLOTS, NATIVE, QUAD)
+    best2, bad2 = _half_topk(q_row_ptr + DH, kbase + n * DH, scr_row_ptr, cnt_row_ptr + 1, offs_m, m_mask, n, DH,
+                             DH_PAD, KP, GROUPS, CAP, BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION, PREFIX_SLOTS,
+                             NATIVE, QUAD)
+    # the exact fallback (FALLBACK=False, tests: never; the fast path alone must be exact on
+    # random data), one copy for both halves in a loop: inlined in each half, its code made
+    # ptxas spill in the main path's loops (H200, T = 4096: 0.1101 -> 0.1083 ms as here)
+    if FALLBACK:
+        if (bad1 + bad2) > 0:
+            offs_d = tl.arange(0, DH_PAD)
+            d_mask = offs_d < DH
+            for p in range(2):
+                q = tl.load(q_row_ptr[:, None] + p * DH + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :],
+                            other=0.0)
+                if UPCAST:
+                    q = q.to(tl.float32)
+                b = _half_topk_rounds(q, kbase + p * n * DH, n, offs_d, d_mask, DH, KP, BLOCK_M, BLOCK_N, EVEN_N,
+                                      UPCAST, PRECISION)
+                if p == 0:
+                    best1 = b
+                else:
+                    best2 = b
     if QUAD and K == 16:
         pairs = _pair_topk_quad(best1, best2, n, K, CAND, KP, FALLBACK)
     else:
