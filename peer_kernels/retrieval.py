@@ -125,6 +125,8 @@ def _use_bitmap(num_rows: int, units: int, selections_per_half: int) -> bool:
 
 def _launch_bwd(grad_scores, query, sub_keys, ids, method: str | None = None):
     """dq, dkeys. method: None (by _use_bitmap), "bitmap" or "sort" (the grouping by row)."""
+    if method not in (None, "bitmap", "sort"):
+        raise ValueError(f"method must be None, 'bitmap' or 'sort', got {method!r}")
     heads, dk = query.shape[-2], query.shape[-1]
     k = ids.shape[-1]
     q = query.reshape(-1, heads, dk)

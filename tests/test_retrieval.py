@@ -337,6 +337,9 @@ def test_bitmap_is_the_default_grouping_at_the_paper_config():
     assert R._use_bitmap(8 * 2 * 1024, 4096, 4096 * 8 * 16)  # n = 1024, k = 16
     assert not R._use_bitmap(8 * 2 * 4096, 4096, 4096 * 8 * 16)  # n = 4096: dense bitmaps too big
     assert not R._use_bitmap(8 * 2 * 1024, 1, 8 * 16)  # one token: the sort
+    q, keys = _inputs((3,), 2, 8, 8, False, torch.float32, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="method"):
+        R._launch_bwd(torch.zeros(3, 2, 4), q, keys, torch.zeros(3, 2, 4, dtype=torch.long), method="bitmaps")
 
 
 def test_reference_search_is_exact_against_brute_force():
