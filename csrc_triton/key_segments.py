@@ -66,12 +66,14 @@ def counts_to_offsets_kernel(tot_ptr, offsets_ptr, num_rows, BLOCK: tl.constexpr
 
 
 @triton.jit
-def bitmap_place_kernel(rows_ptr, bits_ptr, pp_ptr, offsets_ptr, order_ptr, M, H, MHK, NP, NUM_ROWS,
+def bitmap_place_kernel(rows_ptr, bits_ptr, pp_ptr, offsets_ptr, order_ptr, M, H, MHK, NP, NUM_ROWS, L,
                         K: tl.constexpr, K_PAD: tl.constexpr, PER_HEAD: tl.constexpr, W: tl.constexpr,
                         BLOCK_M: tl.constexpr):
     """Program (m block, h, p): the selections (p, m, h, r) of BLOCK_M tokens (int32 flat
     positions: the launcher keeps them < 2^31). Each that adds to a row goes to its place in
-    the row's segment: offsets[row] + pp[row, part] + the part's set bits below its unit."""
+    the row's segment: offsets[row] + pp[row, part] + the part's set bits below its unit
+    (< L, the length of order, whenever the bitmaps match the rows; the store is masked to
+    it, so that a mismatch gives a wrong order, which the tests see, not a stray write)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     h = tl.program_id(1)
     p = tl.program_id(2)
@@ -95,4 +97,4 @@ def bitmap_place_kernel(rows_ptr, bits_ptr, pp_ptr, offsets_ptr, order_ptr, M, H
                      tl.where(ww == word[:, None, None], words & low[:, None, None].to(tl.int32, bitcast=True), 0))
     dest = (tl.load(offsets_ptr + row, mask=keep, other=0) + tl.load(pp_ptr + at, mask=keep, other=0)
             + tl.sum(popcount32(below), axis=2))
-    tl.store(order_ptr + dest, sel.to(order_ptr.dtype.element_ty), mask=keep)
+    tl.store(order_ptr + dest, sel.to(order_ptr.dtype.element_ty), mask=keep & (dest < L) & (dest >= 0))

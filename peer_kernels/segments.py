@@ -86,7 +86,7 @@ def bitmap_segments(rows: torch.Tensor, bits: torch.Tensor, num_rows: int, per_h
     k_pad = next_pow2(k)
     block_m = max(1, 2048 // k_pad)
     ks.bitmap_place_kernel[(cdiv(m, block_m), heads, 2)](
-        rows, bits, pp, offsets, order, m, heads, m * heads * k, parts, num_rows,
+        rows, bits, pp, offsets, order, m, heads, m * heads * k, parts, num_rows, total,
         K=k, K_PAD=k_pad, PER_HEAD=per_head, W=BITMAP_WORDS, BLOCK_M=block_m, num_warps=8,
     )
     return order, offsets
