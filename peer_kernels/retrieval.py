@@ -118,7 +118,7 @@ def _bwd_keys_config() -> dict:
 def _use_bitmap(num_rows: int, units: int, selections_per_half: int) -> bool:
     """bitmap_segments where its scratch (dense bitmaps: n bits per unit and row set) takes at
     most 16 bytes per selection, about what the sort path needs (keys, int64 values, CUB
-    buffers): n <= ~100 k. H200, paper config (n = 1024, k = 16), T = 4096: see bench/NOTES.md."""
+    buffers): n <= ~100 * k. H200, paper config (n = 1024, k = 16), T = 4096: see bench/NOTES.md."""
     selections = 2 * selections_per_half
     return selections < 2**31 and bitmap_bytes(num_rows, units) <= 16 * selections
 
