@@ -23,6 +23,16 @@ import triton.language as tl
 
 
 @triton.jit
+def selection_unit(offs_m, h, H, PER_HEAD: tl.constexpr):
+    """The unit of the selections of tokens offs_m, head h: the token (per-head sub-keys) or
+    m*H + h (shared). Used by both writers of the bitmaps' layout: the query kernel (bits)
+    and bitmap_place_kernel (ranks)."""
+    if PER_HEAD:
+        return offs_m
+    return offs_m * H + h
+
+
+@triton.jit
 def popcount32(x):
     """Set bits of each 32-bit word (SWAR: the interpreter has no popc), as int32."""
     x = x.to(tl.uint32, bitcast=True)
@@ -82,10 +92,7 @@ def bitmap_place_kernel(rows_ptr, bits_ptr, pp_ptr, offsets_ptr, order_ptr, M, H
     sel = p * MHK + mh[:, None] * K + offs_k[None, :]  # [BLOCK_M, K_PAD]
     row = tl.load(rows_ptr + sel, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=NUM_ROWS).to(tl.int32)
     keep = row < NUM_ROWS
-    if PER_HEAD:
-        unit = offs_m
-    else:
-        unit = mh
+    unit = selection_unit(offs_m, h, H, PER_HEAD)
     part = unit // (32 * W)  # [BLOCK_M]
     word = (unit // 32) % W
     low = (tl.full((BLOCK_M,), 1, tl.uint32) << (unit % 32).to(tl.uint32)) - 1  # the bits of units below

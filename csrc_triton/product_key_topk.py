@@ -46,6 +46,8 @@ Backward (deterministic: no floating-point atomics):
 import triton
 import triton.language as tl
 
+from .key_segments import selection_unit
+
 # ids are < n*n <= 2^24; the low word of a packed value is MAX_ID - id (ties -> lower id)
 MAX_ID = 16777216
 
@@ -813,10 +815,7 @@ def pk_topk_bwd_query_kernel(
         tl.store(ptrs, tl.where(first, key, NUM_ROWS).to(rows_ptr.dtype.element_ty), mask=k_mask)
         tl.store(gsum_ptr + p * MHK + sel, gsum, mask=k_mask)
         if BITMAP:
-            if PER_HEAD:
-                unit = offs_m
-            else:
-                unit = offs_m * H + h
+            unit = selection_unit(offs_m, h, H, PER_HEAD)
             word = key.to(tl.int64) * WORDS + (unit // 32)[:, None]
             tl.atomic_or(bits_ptr + word, (1 << (unit % 32))[:, None] + tl.zeros_like(key), mask=first, sem="relaxed")
         c = tl.load(kbase + p * n * DH + sub[:, :, None].to(tl.int64) * DH + offs_d[None, None, :],
