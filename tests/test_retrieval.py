@@ -236,6 +236,21 @@ def test_backward_half(dtype, device):
         assert err < 1e-2, err
 
 
+def _grads_by_score_formula(q, keys, ids, g):
+    """dq, dkeys by autograd through s = q1 . c1[i] + q2 . c2[j] on the given ids (i*n + j),
+    per-head keys [H, 2, n, Dk/2] or shared [2, n, Dk/2]: the backward's oracle without a
+    forward."""
+    n, dh = keys.shape[-2], q.shape[-1] // 2
+    qr, kr = q.clone().requires_grad_(), keys.clone().requires_grad_()
+    if keys.dim() == 4:
+        h = torch.arange(q.shape[-2], device=q.device)[None, :, None]
+        c1, c2 = kr[h, 0, ids // n], kr[h, 1, ids % n]
+    else:
+        c1, c2 = kr[0, ids // n], kr[1, ids % n]
+    s = (qr[..., None, :dh] * c1).sum(-1) + (qr[..., None, dh:] * c2).sum(-1)
+    return torch.autograd.grad(s, (qr, kr), g)
+
+
 @pytest.mark.parametrize("n", [2048, 40])
 def test_backward_repeated_sub_keys_and_wide_rows(n, device):
     """The backward on given ids (no forward): each (token, head) repeats its half-1 sub-keys
@@ -254,11 +269,7 @@ def test_backward_repeated_sub_keys_and_wide_rows(n, device):
     g = torch.randn(m, heads, k, generator=gen)
     q, keys, ids, g = (t.to(device) for t in (q, keys, ids, g))
     dq, dkeys = R._launch_bwd(g, q, keys, ids)
-    qr, kr = q.clone().requires_grad_(), keys.clone().requires_grad_()
-    h = torch.arange(heads, device=device)[None, :, None]
-    s = ((qr[..., None, : dk // 2] * kr[h, 0, ids // n]).sum(-1)
-         + (qr[..., None, dk // 2:] * kr[h, 1, ids % n]).sum(-1))
-    dq_ref, dkeys_ref = torch.autograd.grad(s, (qr, kr), g)
+    dq_ref, dkeys_ref = _grads_by_score_formula(q, keys, ids, g)
     torch.testing.assert_close(dq, dq_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dkeys, dkeys_ref, atol=1e-5, rtol=1e-5)
     dq2, dkeys2 = R._launch_bwd(g, q, keys, ids)
@@ -285,12 +296,7 @@ def test_backward_bitmap_grouping_matches_the_sort(per_head, m, heads, n, k, dev
     dq, dkeys = R._launch_bwd(g, q, keys, ids, method="bitmap")
     dq_s, dkeys_s = R._launch_bwd(g, q, keys, ids, method="sort")
     assert torch.equal(dq, dq_s) and torch.equal(dkeys, dkeys_s)
-    qr, kr = q.clone().requires_grad_(), keys.clone().requires_grad_()
-    h = torch.arange(heads, device=device)[None, :, None]
-    c1 = kr[h, 0, ids // n] if per_head else kr[0, ids // n]
-    c2 = kr[h, 1, ids % n] if per_head else kr[1, ids % n]
-    s = (qr[..., None, : dk // 2] * c1).sum(-1) + (qr[..., None, dk // 2:] * c2).sum(-1)
-    dq_ref, dkeys_ref = torch.autograd.grad(s, (qr, kr), g)
+    dq_ref, dkeys_ref = _grads_by_score_formula(q, keys, ids, g)
     torch.testing.assert_close(dq, dq_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dkeys, dkeys_ref, atol=1e-5, rtol=1e-5)
 
