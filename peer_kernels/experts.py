@@ -21,6 +21,7 @@ from .csrc_triton.peer_experts_bwd import (
 from .csrc_triton.index_check import expert_ids_in_range_kernel
 from .csrc_triton.peer_experts_fwd import peer_experts_fwd_kernel
 from .eager import eager_function, use_registered_op
+from .launch import fast_launch
 from .segments import sorted_segments
 
 __all__ = ["peer_experts", "BACKWARD_MODES", "VALIDATE_MODES"]
@@ -53,7 +54,8 @@ def _check_ids(idx: torch.Tensor, num_rows: int, mode: str) -> None:
         check_index_range(idx, num_rows)
     elif mode == "async" and idx.numel() > 0:
         block = 1024
-        expert_ids_in_range_kernel[(cdiv(idx.numel(), block),)](idx, idx.numel(), num_rows, BLOCK=block)
+        fast_launch(expert_ids_in_range_kernel)[(cdiv(idx.numel(), block),)](
+            idx, idx.numel(), num_rows, BLOCK=block)
 
 
 def _tile_config(d: int):
@@ -72,7 +74,7 @@ def _launch_fwd(x, idx, gates, down, up, activation):
     pre = torch.empty((t, hk), device=x.device, dtype=torch.float32)
     if t > 0:
         d_pad, block_s, warps = _tile_config(d)
-        peer_experts_fwd_kernel[(t,)](
+        fast_launch(peer_experts_fwd_kernel)[(t,)](
             x, idx, gates, down, up, y, pre,
             D=d, D_PAD=d_pad, HK=hk, BLOCK_S=block_s, ACT=ACT_CODES[activation], num_warps=warps,
         )
@@ -129,7 +131,7 @@ def _launch_bwd(dy, x, idx, gates, down, up, pre, activation, mode):
         ddown = torch.zeros(down.shape, device=down.device, dtype=acc_dtype)
         dup = torch.zeros(up.shape, device=up.device, dtype=acc_dtype)
         if t > 0:
-            peer_experts_bwd_token_kernel[(t,)](
+            fast_launch(peer_experts_bwd_token_kernel)[(t,)](
                 dy, x, idx, gates, pre, down, up, dx, dgates, pre, pre, ddown, dup,
                 D=d, D_PAD=d_pad, HK=hk, BLOCK_S=block_s, ACT=act, ATOMIC=True, num_warps=warps,
             )
@@ -141,7 +143,7 @@ def _launch_bwd(dy, x, idx, gates, down, up, pre, activation, mode):
 
     def token_kernel():
         if t > 0:
-            peer_experts_bwd_token_kernel[(t,)](
+            fast_launch(peer_experts_bwd_token_kernel)[(t,)](
                 dy, x, idx, gates, pre, down, up, dx, dgates, dh, coef, ddown, dup,
                 D=d, D_PAD=d_pad, HK=hk, BLOCK_S=block_s, ACT=act, ATOMIC=False, num_warps=warps,
             )
@@ -155,16 +157,16 @@ def _launch_bwd(dy, x, idx, gates, down, up, pre, activation, mode):
 
     def long_rows():
         if occurrences > 0:
-            peer_experts_bwd_chunks_kernel[(part.shape[0],)](
+            fast_launch(peer_experts_bwd_chunks_kernel)[(part.shape[0],)](
                 order, ids, offsets, x, dy, dh, coef, part, occurrences,
                 D=d, D_PAD=d_pad, HK=hk, CHUNK=chunk, BLOCK_J=4, num_warps=warps,
             )
-            peer_experts_bwd_long_rows_kernel[(part.shape[0],)](
+            fast_launch(peer_experts_bwd_long_rows_kernel)[(part.shape[0],)](
                 ids, offsets, part, ddown, dup, occurrences, D=d, D_PAD=d_pad, CHUNK=chunk, num_warps=warps,
             )
 
     def other_rows():
-        peer_experts_bwd_tables_kernel[(cdiv(n_rows, TABLES_ROWS),)](
+        fast_launch(peer_experts_bwd_tables_kernel)[(cdiv(n_rows, TABLES_ROWS),)](
             order, offsets, x, dy, dh, coef, ddown, dup, n_rows,
             D=d, D_PAD=d_pad, HK=hk, ROWS=TABLES_ROWS, BLOCK_J=TABLES_BLOCK_J, CHUNK=chunk, num_warps=warps,
         )

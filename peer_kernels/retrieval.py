@@ -1,7 +1,8 @@
 """product_key_topk: launchers of the retrieval kernels (csrc_triton/product_key_topk.py),
 their registered torch ops with autograd, and the public function.
 
-Chain: pk_topk_fwd_kernel -> _launch_fwd -> peer_kernels::product_key_topk (custom op,
+Chain: pk_topk_fwd_kernel -> _launch_fwd (launches through launch.fast_launch) ->
+peer_kernels::product_key_topk (custom op,
 backward peer_kernels::product_key_topk_backward; in eager mode the same bodies through an
 autograd.Function, eager.py) -> product_key_topk() -> PEER.
 """
@@ -13,6 +14,7 @@ from . import reference
 from .checks import cdiv, check_product_key_args, interpreting, next_pow2, resolve_backend
 from .csrc_triton import product_key_topk as kernels
 from .eager import eager_function, use_registered_op
+from .launch import fast_launch
 from .segments import bitmap_bytes, bitmap_segments, new_bitmaps, sorted_segments
 
 __all__ = ["product_key_topk"]
@@ -96,7 +98,7 @@ def _launch_fwd(query: torch.Tensor, sub_keys: torch.Tensor, k: int, candidates:
         # per row: CAP survivor slots (reused by the second half), then
         # the int32 survivor counters of both halves (16-row programs)
         scratch = torch.empty(grid[0] * heads * cfg["BLOCK_M"] * (cfg["CAP"] + 2), device=query.device, dtype=torch.int64)
-        kernels.pk_topk_fwd_kernel[grid](
+        fast_launch(kernels.pk_topk_fwd_kernel)[grid](
             q, sub_keys, scores, ids, scratch, m, n, heads,
             DK=dk, DH_PAD=_pow2(dk // 2, 16), PER_HEAD=sub_keys.dim() == 4,
             K=k, K_PAD=_pow2(k, 2), CAND=candidates, KP=kp,
@@ -153,7 +155,7 @@ def _launch_bwd(grad_scores, query, sub_keys, ids, method: str | None = None):
     gsum = torch.empty((2, m, heads, k), device=e.device, dtype=torch.float32)
     bits = new_bitmaps(num_rows, units, e.device) if bitmap else rows  # (rows: an unused stand-in)
     block_m = 16
-    kernels.pk_topk_bwd_query_kernel[(cdiv(m, block_m), heads)](
+    fast_launch(kernels.pk_topk_bwd_query_kernel)[(cdiv(m, block_m), heads)](
         g, e, sub_keys, dq, rows, gsum, bits, m, n, heads, m * heads * k, num_rows, bits.shape[-1],
         DK=dk, DH_PAD=dh_pad, PER_HEAD=per_head, K=k, K_PAD=_pow2(k, 2), BLOCK_M=block_m, BITMAP=bitmap,
         num_warps=4,
@@ -164,7 +166,7 @@ def _launch_bwd(grad_scores, query, sub_keys, ids, method: str | None = None):
         order, offsets, _ = sorted_segments(rows, num_rows + 1, narrow_ids=narrow)
     dkeys = torch.empty(sub_keys.shape, device=sub_keys.device, dtype=sub_keys.dtype)
     cfg = _bwd_keys_config()
-    kernels.pk_topk_bwd_keys_kernel[(cdiv(num_rows, cfg["ROWS"]),)](
+    fast_launch(kernels.pk_topk_bwd_keys_kernel)[(cdiv(num_rows, cfg["ROWS"]),)](
         order, offsets, gsum, q, dkeys, num_rows, m * heads * k, DK=dk, DH_PAD=dh_pad, K=k, **cfg,
     )
     return dq.reshape(query.shape), dkeys

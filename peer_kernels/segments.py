@@ -13,6 +13,7 @@ import torch
 from .checks import cdiv, next_pow2
 from .csrc_triton import key_segments as ks
 from .csrc_triton.segments import csr_offsets_kernel
+from .launch import fast_launch
 
 BITMAP_WORDS = 4  # 32-bit words per part of a row's bitmap: 128 units
 
@@ -32,7 +33,7 @@ def sorted_segments(rows: torch.Tensor, num_rows: int, narrow_ids: bool = False)
     ids, order = torch.sort(flat, stable=True)
     offsets = torch.empty(num_rows + 1, device=rows.device, dtype=torch.int64)
     block = 1024
-    csr_offsets_kernel[(cdiv(num_rows + 1, block),)](
+    fast_launch(csr_offsets_kernel)[(cdiv(num_rows + 1, block),)](
         ids, offsets, ids.numel(), num_rows, STEPS=max(1, ids.numel().bit_length()), BLOCK=block, num_warps=4,
     )
     return order, offsets, ids
@@ -77,15 +78,15 @@ def bitmap_segments(rows: torch.Tensor, bits: torch.Tensor, num_rows: int, per_h
     offsets = torch.empty(num_rows + 1, device=dev, dtype=torch.int32)
     order = torch.empty(total, device=dev, dtype=torch.int32)
     rb, pb = 32, min(32, next_pow2(parts))
-    ks.bitmap_scan_kernel[(cdiv(num_rows, rb),)](bits, pp, tot, num_rows, parts, W=BITMAP_WORDS, RB=rb, PB=pb,
-                                                 num_warps=4)
+    fast_launch(ks.bitmap_scan_kernel)[(cdiv(num_rows, rb),)](
+        bits, pp, tot, num_rows, parts, W=BITMAP_WORDS, RB=rb, PB=pb, num_warps=4)
     # H200, paper config, T = 4096 (bench/NOTES.md): offsets 4096 per step with 8 warps 4.2
     # us, 16384 with 16 warps 3.4; place 1024 selections per program 13.6 us, 2048 with 8
     # warps 11.8 (T = 16384: 52 -> 49)
-    ks.counts_to_offsets_kernel[(1,)](tot, offsets, num_rows, BLOCK=16384, num_warps=16)
+    fast_launch(ks.counts_to_offsets_kernel)[(1,)](tot, offsets, num_rows, BLOCK=16384, num_warps=16)
     k_pad = next_pow2(k)
     block_m = max(1, 2048 // k_pad)
-    ks.bitmap_place_kernel[(cdiv(m, block_m), heads, 2)](
+    fast_launch(ks.bitmap_place_kernel)[(cdiv(m, block_m), heads, 2)](
         rows, bits, pp, offsets, order, m, heads, m * heads * k, parts, num_rows, total,
         K=k, K_PAD=k_pad, PER_HEAD=per_head, W=BITMAP_WORDS, BLOCK_M=block_m, num_warps=8,
     )
