@@ -15,6 +15,10 @@ with the same key call that kernel's launcher directly, as `JITFunction.run` its
 (`kernel.run(grid, stream, function, packed_metadata, launch_metadata, hooks, *all
 arguments)`, the same in Triton 3.6 to 3.9).
 
+Device: each launch runs on the device of its first tensor argument (Triton's own launch
+uses the current device: with tensors on cuda:1 while cuda:0 is current it would run the
+kernel on the wrong device); a device guard is entered only when the two differ.
+
 Plain Triton launches instead: in the interpreter (TRITON_INTERPRET=1), while launch hooks
 are set (profilers such as proton), for a callable grid, and with PEER_KERNELS_FAST_LAUNCH=0.
 Triton settings that change which kernel it compiles (TRITON_DEBUG, instrumentation) are
@@ -79,10 +83,19 @@ class FastLaunch:
         return lambda *args, **meta: self.launch(grid, args, meta)
 
     def launch(self, grid, args, meta):
-        if not (ENABLED and self.native) or callable(grid) or _hook_active(knobs.runtime.launch_enter_hook) \
+        if not self.native:  # the interpreter
+            return self.kernel[grid](*args, **meta)
+        current = torch.cuda.current_device()
+        device = _tensor_device(args)
+        if device is not None and device != current:
+            with torch.cuda.device(device):
+                return self._launch(grid, args, meta, device)
+        return self._launch(grid, args, meta, current)
+
+    def _launch(self, grid, args, meta, device: int):
+        if not ENABLED or callable(grid) or _hook_active(knobs.runtime.launch_enter_hook) \
                 or _hook_active(knobs.runtime.launch_exit_hook):
             return self.kernel[grid](*args, **meta)
-        device = torch.cuda.current_device()
         key = (device, tuple(map(_spec, args)), tuple(meta.items()))
         hit = self.cache.get(key)
         if hit is None:
@@ -119,6 +132,14 @@ def fast_launch(kernel) -> FastLaunch:
     if launcher is None:
         launcher = _LAUNCHERS[kernel] = FastLaunch(kernel)
     return launcher
+
+
+def _tensor_device(args):
+    """The CUDA device index of the first tensor argument (None: no CUDA tensor first)."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device.index if a.is_cuda else None
+    return None
 
 
 def _stream(device: int) -> int:

@@ -123,3 +123,26 @@ def test_retrieval_launches_checked(monkeypatch, shared):
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
             assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_layer_on_a_device_that_is_not_current():
+    """A PEER layer (every kernel: retrieval, experts, the id check, the side stream) on cuda:1
+    while cuda:0 is current gives what it gives with cuda:1 current: each launch runs on its
+    tensors' device."""
+    outs = []
+    for current in (0, 1):
+        with torch.cuda.device(current):
+            torch.manual_seed(0)
+            layer = pk.PEER(64, num_experts=64**2, heads=4, k=8, dim_key=32, device="cuda:1")
+            x = torch.randn(2, 37, 64, device="cuda:1", requires_grad=True)
+            y = layer(x)
+            y.backward(torch.randn_like(y))
+            torch.cuda.synchronize(1)
+            outs.append([y, x.grad] + [p.grad for p in layer.parameters() if p.grad is not None])
+    assert torch.cuda.current_device() == 0
+    assert len(outs[0]) == len(outs[1]) > 4
+    for a, b in zip(*outs):
+        assert a.device == torch.device("cuda:1")
+        assert torch.equal(a, b)
