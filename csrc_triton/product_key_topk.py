@@ -159,10 +159,11 @@ def _kth_largest_bound(x, KP: tl.constexpr):
 # In a 64 x 64 wgmma accumulator each thread holds parts of two rows (A, B = A + 8) and a row
 # spans the 4 threads of a quad. The two per-row selections below (the threshold over 64
 # group maxima, the ranking of 32 survivor slots) run as one inline-asm block per thread on
-# the thread's values of each row, sorted by a network (the threshold keeps the top 8 of 16),
-# with the quad's maximum by 2 butterfly shuffles per round, instead of rounds of tl.max over
-# the row (Triton's reductions: ~170-270 SASS instructions per round, bench/NOTES.md); so do
-# the rounds of the pair merge (_pair_round_asm, further below). Where the registers sit is
+# the thread's values of each row, sorted by a network (the threshold keeps the top 8 of 16):
+# the ranking then takes the quad's maximum by 2 butterfly shuffles per round, the threshold
+# merges the quad's lists by bitonic steps (_threshold_asm), instead of rounds of tl.max over
+# the row (Triton's reductions: ~170-270 SASS instructions per round, bench/NOTES.md); the
+# rounds of the pair merge run the same way (_pair_round_asm, further below). Where the registers sit is
 # the compiler's choice, so each block also takes the row (and column) of every element and
 # checks the order it assumes, and the quad (_layout_check); on any mismatch the block takes
 # the exact fallback (slow, never wrong).
@@ -221,77 +222,102 @@ def _layout_check(n_el: int, row: int, col):
     return lines
 
 
-def _quad_lists_asm(kind: str, rounds: int) -> str:
-    """PTX of one quad-lists block (see above).
+def _ce(x: str, i: int, j: int, cmp: str, b: str) -> list:
+    """PTX of a descending compare-exchange of registers x<i>, x<j> (max to i), through h."""
+    return [f"max{cmp} h, {x}{i}, {x}{j};", f"min{cmp} {x}{j}, {x}{i}, {x}{j};", f"mov{b} {x}{i}, h;"]
 
-    kind "tau": operands $0-31 out fp32, $32-63 the column maxima g [64, 64] of pass A (fp32,
-    each column a group), $64-95 their rows; assumed order A A B B per 4 elements. Each
-    thread keeps the 8 largest of its 16 values per row (_top8_of_16_ops). Every output of a
-    row = its quad maximum after `rounds` rounds that each drop the quad's maximum head (every
-    copy of it at the heads): with rounds = KP - 1, at least KP group maxima are >= it, so it
-    is a lower bound of the KP-th largest, as _kth_largest_bound (keeping 8 of 16 can only
-    lower it: more survivors, never a lost one). On a layout mismatch: +inf (no survivors:
-    fallback).
-    kind "rank": $0-15 out int64, $16-31 the packed survivors [64, 32] (int64), $32-47 their
-    rows, $48-63 their columns; assumed order A A B B per 4 elements, thread t of a quad
-    holding columns 8j + 2t + {0, 1}. Rank r (< rounds) of a row goes to its element in
-    column r, the other columns get the minimum. On a mismatch: the maximum int64 (never a
-    packed value: its low word would be 2^32 - 1 > MAX_ID), which _half_topk checks."""
-    tau = kind == "tau"
-    b, cmp = (".b32", ".f32") if tau else (".b64", ".s64")
-    minv, bad = ("0fFF800000", "0f7F800000") if tau else ("0x8000000000000000", hex(LAYOUT_MISMATCH.value))
-    per_row = 16 if tau else 8  # values per row and thread
-    n_el = 2 * per_row
+
+def _slot(i: int):
+    """Element i of a thread's wgmma-layout values -> (list, position): rows A A B B per 4."""
+    return "xa" if (i // 2) % 2 == 0 else "xb", 2 * (i // 4) + i % 2
+
+
+def _threshold_asm() -> str:
+    """PTX of the threshold block (see above): operands $0-31 out fp32, $32-63 the column
+    maxima g [64, 64] of pass A (fp32, each column a group), $64-95 their rows; assumed order
+    A A B B per 4 elements. Per row, each thread keeps the 8 largest of its 16 values
+    (_top8_of_16_ops, sorted); then two bitonic steps across the quad: threads t, t ^ 1 split
+    their 16 kept values into the top 8 (even t) and the next 8 (odd t), each sorted again
+    (the bitonic merge of 8); threads t, t ^ 3 take the elementwise maximum of a list and the
+    partner's reversed list, which leaves the top 16 of the quad's 32 kept values in threads 0
+    and 1. Every output of the row is their minimum, the 16th largest kept value: KP = 16
+    group maxima are >= it, so it is a lower bound of the KP-th largest, as
+    _kth_largest_bound (keeping 8 of 16 can only lower it: more survivors, never a lost one;
+    min and max keep ties as they are). Three shuffle stages instead of 15 dependent rounds of
+    a quad maximum (H200, T = 4096: 0.1088 -> 0.1074 ms, bench/NOTES.md). On a layout
+    mismatch: +inf (no survivors: fallback)."""
+    n_el = 32
+    val, row = n_el, 2 * n_el
+    lines = ["{", ".reg .pred ok, ev;", ".reg .b32 lane, ra, rb, t, t0;",
+             ".reg .f32 xa<16>, xb<16>, ya<8>, yb<8>, h, m, o;"]
+    lines += _layout_check(n_el, row, None)
+    lines += ["and.b32 t, lane, 1;", "setp.eq.u32 ev, t, 0;"]
+    lines += [f"mov.b32 {_slot(i)[0]}{_slot(i)[1]}, ${val + i};" for i in range(n_el)]
+    merge8 = [(i, i + d) for d in (4, 2, 1) for i in range(8) if i % (2 * d) < d]
+    for x in ("xa", "xb"):
+        for op, i, j in _top8_of_16_ops():
+            lines += _ce(x, i, j, ".f32", ".f32") if op == "ce" else [f"max.f32 {x}{i}, {x}{i}, {x}{j};"]
+    for x, y, r in (("xa", "ya", "ra"), ("xb", "yb", "rb")):
+        lines += [f"shfl.sync.bfly.b32 {y}{i}, {x}{7 - i}, 1, 0x1c1f, 0xffffffff;" for i in range(8)]
+        for i in range(8):  # the top 8 of the pair's 16 (even t) or the next 8 (odd t), bitonic
+            lines += [f"max.f32 h, {x}{i}, {y}{i};", f"min.f32 o, {x}{i}, {y}{i};", f"selp.f32 {x}{i}, h, o, ev;"]
+        for i, j in merge8:
+            lines += _ce(x, i, j, ".f32", ".f32")
+        lines += [f"shfl.sync.bfly.b32 {y}{i}, {x}{7 - i}, 3, 0x1c1f, 0xffffffff;" for i in range(8)]
+        lines += [f"max.f32 {x}{i}, {x}{i}, {y}{i};" for i in range(8)]
+        lines += [f"min.f32 m, {x}0, {x}1;"] + [f"min.f32 m, m, {x}{i};" for i in range(2, 8)]
+        lines += ["shfl.sync.bfly.b32 o, m, 1, 0x1c1f, 0xffffffff;", "min.f32 m, m, o;",
+                  "shfl.sync.idx.b32 m, m, 0, 0x1c1f, 0xffffffff;", f"mov.b32 {r}, m;"]
+    lines += [f"mov.b32 ${i}, {'ra' if _slot(i)[0] == 'xa' else 'rb'};" for i in range(n_el)]
+    lines += [f"@!ok mov.b32 ${i}, 0f7F800000;" for i in range(n_el)] + ["}"]
+    return "\n".join(lines)
+
+
+def _quad_lists_asm(rounds: int) -> str:
+    """PTX of the ranking block (see above): $0-15 out int64, $16-31 the packed survivors
+    [64, 32] (int64), $32-47 their rows, $48-63 their columns; assumed order A A B B per 4
+    elements, thread t of a quad holding columns 8j + 2t + {0, 1}. Each thread sorts its 8
+    values per row (_batcher_pairs); then `rounds` rounds each take the quad's maximum head
+    (2 butterfly shuffles) and drop it from the thread that holds it. Rank r (< rounds) of a
+    row goes to its element in column r, the other columns get the minimum. On a mismatch:
+    the maximum int64 (never a packed value: its low word would be 2^32 - 1 > MAX_ID), which
+    _half_topk checks."""
+    b, cmp = ".b64", ".s64"
+    minv, bad = "0x8000000000000000", hex(LAYOUT_MISMATCH.value)
+    n_el = 16
     val, row, col = n_el, 2 * n_el, 3 * n_el
-
-    def slot(i):  # element i -> (list, position): rows A A B B per 4 elements
-        return "xa" if (i // 2) % 2 == 0 else "xb", 2 * (i // 4) + i % 2
-
     lines = ["{", ".reg .pred p, w, ok;", ".reg .b32 lane, ra, rb, t, t0, t1;",
-             f".reg {b} xa<{per_row}>, xb<{per_row}>, m, o, h;"]
-    lines += _layout_check(n_el, row, None if tau else col)
+             f".reg {b} xa<8>, xb<8>, m, o, h;"]
+    lines += _layout_check(n_el, row, col)
     for i in range(n_el):
-        x, k = slot(i)
-        lines.append(f"mov{b} {x}{k}, ${val + i};")
-        if not tau:
-            lines.append(f"mov{b} ${i}, {minv};")
-    ops = _top8_of_16_ops() if tau else [("ce", i, j) for i, j in _batcher_pairs(8)]
+        x, k = _slot(i)
+        lines += [f"mov{b} {x}{k}, ${val + i};", f"mov{b} ${i}, {minv};"]
     for x in ("xa", "xb"):  # descending
-        for op, i, j in ops:
-            if op == "ce":
-                lines += [f"max{cmp} h, {x}{i}, {x}{j};", f"min{cmp} {x}{j}, {x}{i}, {x}{j};", f"mov{b} {x}{i}, h;"]
-            else:
-                lines.append(f"max{cmp} {x}{i}, {x}{i}, {x}{j};")
+        for i, j in _batcher_pairs(8):
+            lines += _ce(x, i, j, cmp, b)
 
     def quad_max(x):
         out = [f"mov{b} m, {x}0;"]
         for d in (1, 2):
-            if tau:
-                out += [f"shfl.sync.bfly.b32 o, m, {d}, 0x1c1f, 0xffffffff;"]
-            else:
-                out += ["mov.b64 {t0, t1}, m;", f"shfl.sync.bfly.b32 t0, t0, {d}, 0x1c1f, 0xffffffff;",
-                        f"shfl.sync.bfly.b32 t1, t1, {d}, 0x1c1f, 0xffffffff;", "mov.b64 o, {t0, t1};"]
-            out.append(f"max{cmp} m, m, o;")
+            out += ["mov.b64 {t0, t1}, m;", f"shfl.sync.bfly.b32 t0, t0, {d}, 0x1c1f, 0xffffffff;",
+                    f"shfl.sync.bfly.b32 t1, t1, {d}, 0x1c1f, 0xffffffff;", "mov.b64 o, {t0, t1};",
+                    f"max{cmp} m, m, o;"]
         return out
 
-    for r in range(rounds):  # lists of 8 from here on
+    for r in range(rounds):
         for x, off in (("xa", 0), ("xb", 2)):
             lines += quad_max(x) + [f"setp.eq{cmp} w, {x}0, m;"]
             lines += [f"@w mov{b} {x}{k}, {x}{k + 1};" for k in range(7)] + [f"@w mov{b} {x}7, {minv};"]
-            if not tau:  # rank r -> the element of column r
-                lines += [f"setp.eq.u32 p, lane, {(r % 8) // 2};", f"@p mov{b} ${4 * (r // 8) + off + r % 2}, m;"]
-    if tau:
-        for x in ("xa", "xb"):
-            lines += quad_max(x) + [f"mov{b} {'ra' if x == 'xa' else 'rb'}, m;"]
-        lines += [f"mov{b} ${i}, {'ra' if slot(i)[0] == 'xa' else 'rb'};" for i in range(n_el)]
+            # rank r -> the element of column r
+            lines += [f"setp.eq.u32 p, lane, {(r % 8) // 2};", f"@p mov{b} ${4 * (r // 8) + off + r % 2}, m;"]
     lines += [f"@!ok mov{b} ${i}, {bad};" for i in range(n_el)] + ["}"]
     return "\n".join(lines)
 
 
 LAYOUT_MISMATCH = tl.constexpr(9223372036854775807)  # what RANK_ASM returns on a layout mismatch
-TAU_ASM = tl.constexpr(_quad_lists_asm("tau", 15))
+TAU_ASM = tl.constexpr(_threshold_asm())
 TAU_CONS = tl.constexpr(",".join(["=f"] * 32 + ["f"] * 32 + ["r"] * 32))
-RANK_ASM = tl.constexpr(_quad_lists_asm("rank", 16))
+RANK_ASM = tl.constexpr(_quad_lists_asm(16))
 RANK_CONS = tl.constexpr(",".join(["=l"] * 16 + ["l"] * 16 + ["r"] * 32))
 
 

@@ -515,10 +515,110 @@ def test_quad_lists_sorting_network():
     for bits in range(1 << 16):
         x = [(bits >> j) & 1 for j in range(16)]
         assert apply(ops, list(x))[:8] == sorted(x, reverse=True)[:8], bits
-    for kind, rounds, n_el in (("tau", 15, 32), ("rank", 16, 16)):
-        ptx = K._quad_lists_asm(kind, rounds)
-        assert ptx.count("shfl.sync.bfly") == 4 + 2 * 2 * (rounds + (kind == "tau")) * (1 if kind == "tau" else 2)
-        assert ptx.count("@!ok mov") == n_el
+    ptx = K._quad_lists_asm(16)
+    assert ptx.count("shfl.sync.bfly") == 4 + 2 * 2 * 16 * 2
+    assert ptx.count("@!ok mov") == 16
+
+
+def _run_quad_ptx(ptx, operands):
+    """A CPU model of one inline-asm block run by the 4 threads of a quad, for the PTX that
+    _threshold_asm emits: operands[t] maps operand number -> value for thread t (fp32 values
+    as Python floats); returns each thread's outputs (the operands the block writes)."""
+    import struct
+
+    lines = [ln.strip().rstrip(";") for ln in ptx.splitlines()]
+    lines = [ln for ln in lines if ln and ln not in "{}" and not ln.startswith(".reg")]
+    regs = [dict() for _ in range(4)]
+    out = [dict() for _ in range(4)]
+
+    def val(t, x):
+        if x.startswith("$"):
+            return operands[t][int(x[1:])]
+        if x.startswith("0f"):
+            return struct.unpack(">f", bytes.fromhex(x[2:]))[0]
+        if x.lstrip("-").isdigit() or x.startswith("0x"):
+            return int(x, 0)
+        return regs[t][x]
+
+    for ln in lines:
+        pred = None
+        if ln.startswith("@"):
+            pred, ln = ln.split(None, 1)
+        op, rest = ln.split(None, 1)
+        args = [a.strip() for a in rest.split(",")]
+        new = []
+        for t in range(4):
+            if pred is not None and regs[t][pred.lstrip("@!")] == pred.startswith("@!"):
+                new.append(None)
+                continue
+            v = [val(t, a) if a != "%laneid" else t for a in args[1:]]
+            if op in ("mov.u32", "mov.b32", "mov.f32"):
+                r = v[0]
+            elif op == "and.b32":
+                r = v[0] & v[1]
+            elif op == "setp.ne.s32":
+                r = v[0] != v[1]
+            elif op in ("setp.eq.u32", "setp.eq.s32"):
+                r = v[0] == v[1]
+            elif op == "setp.eq.and.s32":
+                r = v[0] == v[1] and v[2]
+            elif op == "max.f32":
+                r = max(v[0], v[1])
+            elif op == "min.f32":
+                r = min(v[0], v[1])
+            elif op == "selp.f32":
+                r = v[0] if v[2] else v[1]
+            elif op == "shfl.sync.bfly.b32":
+                assert args[3] == "0x1c1f", ln  # within the quad
+                r = val(t ^ v[1], args[1])
+            elif op == "shfl.sync.idx.b32":
+                assert args[3] == "0x1c1f", ln
+                r = val(v[1], args[1])
+            else:
+                raise AssertionError(f"the model does not know {op}")
+            new.append(r)
+        for t in range(4):  # all threads read before any writes (shuffles)
+            if new[t] is not None:
+                (out[t] if args[0].startswith("$") else regs[t])[int(args[0][1:]) if args[0].startswith("$") else args[0]] = new[t]
+    return out
+
+
+def test_threshold_block_on_a_cpu_model():
+    """_threshold_asm, run by a CPU model of a quad's 4 threads: every output of a row is the
+    16th largest of the 32 values that the threads keep (the 8 largest of each thread's 16),
+    a lower bound of the row's 16th largest group maximum; with ties and -inf too; and +inf
+    (no survivors: the block's fallback) where the rows are not in the assumed layout."""
+    import random
+
+    from peer_kernels.csrc_triton import product_key_topk as K
+
+    ptx = K._threshold_asm()
+    rng = random.Random(0)
+    row_a, row_b = 5, 13
+    rows = [row_a if (i // 2) % 2 == 0 else row_b for i in range(32)]
+    for case in range(60):
+        if case % 3 == 0:
+            g = [[rng.gauss(0, 1) for _ in range(32)] for _ in range(4)]
+        elif case % 3 == 1:  # many ties
+            g = [[float(rng.randint(0, 4)) for _ in range(32)] for _ in range(4)]
+        else:  # ties, -inf and large values
+            g = [[rng.choice([float("-inf"), 1e30, 2.0, float(rng.randint(-3, 3))]) for _ in range(32)]
+                 for _ in range(4)]
+        ops = [{32 + i: g[t][i] for i in range(32)} | {64 + i: rows[i] for i in range(32)} for t in range(4)]
+        out = _run_quad_ptx(ptx, ops)
+        for r in (row_a, row_b):
+            mine = [[g[t][i] for i in range(32) if rows[i] == r] for t in range(4)]
+            kept = sorted((x for m in mine for x in sorted(m, reverse=True)[:8]), reverse=True)
+            expected = kept[15]
+            assert expected <= sorted((x for m in mine for x in m), reverse=True)[15]
+            for t in range(4):
+                got = [out[t][i] for i in range(32) if rows[i] == r]
+                assert got == [expected] * 16, (case, r, t, got, expected)
+    bad = [list(rows) for _ in range(4)]
+    bad[2][0], bad[2][2] = row_b, row_a  # thread 2 holds the rows in another order
+    ops = [{32 + i: 1.0 for i in range(32)} | {64 + i: bad[t][i] for i in range(32)} for t in range(4)]
+    out = _run_quad_ptx(ptx, ops)
+    assert max(out[t][0] for t in range(4)) == float("inf")
 
 
 @pytest.mark.gpu
