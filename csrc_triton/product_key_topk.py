@@ -163,10 +163,10 @@ def _kth_largest_bound(x, KP: tl.constexpr):
 # the ranking then takes the quad's maximum by 2 butterfly shuffles per round, the threshold
 # merges the quad's lists by bitonic steps (_threshold_asm), instead of rounds of tl.max over
 # the row (Triton's reductions: ~170-270 SASS instructions per round, bench/NOTES.md); the
-# rounds of the pair merge run the same way (_pair_round_asm, further below). Where the registers sit is
-# the compiler's choice, so each block also takes the row (and column) of every element and
-# checks the order it assumes, and the quad (_layout_check); on any mismatch the block takes
-# the exact fallback (slow, never wrong).
+# rounds of the pair merge run the same way (_pair_round_asm, further below). Where the
+# registers sit is the compiler's choice, so each block also takes the row (and column) of
+# every element and checks the order it assumes, and the quad (_layout_check); on any
+# mismatch the block takes the exact fallback (slow, never wrong).
 def _batcher_pairs(n: int):
     """Compare-exchange pairs of Batcher's odd-even merge sort of n (a power of 2) values."""
     pairs = []

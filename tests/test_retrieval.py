@@ -527,7 +527,7 @@ def _run_quad_ptx(ptx, operands):
     import struct
 
     lines = [ln.strip().rstrip(";") for ln in ptx.splitlines()]
-    lines = [ln for ln in lines if ln and ln not in "{}" and not ln.startswith(".reg")]
+    lines = [ln for ln in lines if ln and ln not in ("{", "}") and not ln.startswith(".reg")]
     regs = [dict() for _ in range(4)]
     out = [dict() for _ in range(4)]
 
@@ -577,9 +577,14 @@ def _run_quad_ptx(ptx, operands):
             else:
                 raise AssertionError(f"the model does not know {op}")
             new.append(r)
+        dest = args[0]
         for t in range(4):  # all threads read before any writes (shuffles)
-            if new[t] is not None:
-                (out[t] if args[0].startswith("$") else regs[t])[int(args[0][1:]) if args[0].startswith("$") else args[0]] = new[t]
+            if new[t] is None:
+                continue
+            if dest.startswith("$"):
+                out[t][int(dest[1:])] = new[t]
+            else:
+                regs[t][dest] = new[t]
     return out
 
 
