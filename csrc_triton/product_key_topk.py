@@ -191,14 +191,19 @@ def _batcher_pairs(n: int):
     return pairs
 
 
+def _bitonic_merge8_pairs():
+    """Compare-exchange pairs (max to the first) that sort a bitonic sequence of 8 values
+    descending: distances 4, 2, 1."""
+    return [(i, i + d) for d in (4, 2, 1) for i in range(8) if i % (2 * d) < d]
+
+
 def _top8_of_16_ops():
     """(op, i, j) steps that leave the 8 largest of 16 values, sorted descending, in places
     0-7: each half sorted (Batcher), x_i = max(x_i, x_15-i) for i < 8 (the top 8 as a bitonic
     sequence), then the bitonic merge of 8 (distances 4, 2, 1). "ce": max to i, min to j."""
     ops = [("ce", a + h, b + h) for h in (0, 8) for a, b in _batcher_pairs(8)]
     ops += [("max", i, 15 - i) for i in range(8)]
-    for d in (4, 2, 1):
-        ops += [("ce", i, i + d) for i in range(8) if i % (2 * d) < d]
+    ops += [("ce", i, j) for i, j in _bitonic_merge8_pairs()]
     return ops
 
 
@@ -253,7 +258,6 @@ def _threshold_asm() -> str:
     lines += _layout_check(n_el, row, None)
     lines += ["and.b32 t, lane, 1;", "setp.eq.u32 ev, t, 0;"]
     lines += [f"mov.b32 {_slot(i)[0]}{_slot(i)[1]}, ${val + i};" for i in range(n_el)]
-    merge8 = [(i, i + d) for d in (4, 2, 1) for i in range(8) if i % (2 * d) < d]
     for x in ("xa", "xb"):
         for op, i, j in _top8_of_16_ops():
             lines += _ce(x, i, j, ".f32", ".f32") if op == "ce" else [f"max.f32 {x}{i}, {x}{i}, {x}{j};"]
@@ -261,7 +265,7 @@ def _threshold_asm() -> str:
         lines += [f"shfl.sync.bfly.b32 {y}{i}, {x}{7 - i}, 1, 0x1c1f, 0xffffffff;" for i in range(8)]
         for i in range(8):  # the top 8 of the pair's 16 (even t) or the next 8 (odd t), bitonic
             lines += [f"max.f32 h, {x}{i}, {y}{i};", f"min.f32 o, {x}{i}, {y}{i};", f"selp.f32 {x}{i}, h, o, ev;"]
-        for i, j in merge8:
+        for i, j in _bitonic_merge8_pairs():
             lines += _ce(x, i, j, ".f32", ".f32")
         lines += [f"shfl.sync.bfly.b32 {y}{i}, {x}{7 - i}, 3, 0x1c1f, 0xffffffff;" for i in range(8)]
         lines += [f"max.f32 {x}{i}, {x}{i}, {y}{i};" for i in range(8)]
@@ -451,8 +455,9 @@ def _survivors_by_prefix(q, keys_ptr, scr_row_ptr, tau, n, offs_d, d_mask, DH: t
     ms kernel; bench/NOTES.md)."""
     cols = tl.arange(0, BLOCK_N)
     diag = tl.where(cols[:, None] == cols[None, :], PREFIX_BIAS, 0.0)
-    strict = tl.where(cols[:, None] < cols[None, :], 1.0, 0.0) - diag  # [BLOCK_N, BLOCK_N]
-    rest = 1.0 - tl.where(cols[:, None] < cols[None, :], 1.0, 0.0) + diag
+    upper = tl.where(cols[:, None] < cols[None, :], 1.0, 0.0)  # [BLOCK_N, BLOCK_N]: c' < c
+    strict = upper - diag
+    rest = 1.0 - upper + diag
     tl.static_assert(CAP <= PREFIX_BIAS)
     if NATIVE:  # bf16 tensor cores (these integers: exact); the interpreter's half dots are unreliable
         strict = strict.to(tl.bfloat16)
