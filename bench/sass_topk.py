@@ -3,7 +3,7 @@
 instruction count, and optionally an opcode histogram of one address range. The counts
 predicted the H200 changes of bench/NOTES.md (sixth and seventh sessions).
 
-    python bench/sass_topk.py [BM=64] [BN=64] [K=16] [SASS=out.sass] [HIST=start:end]
+    python bench/sass_topk.py [BM=64] [BN=64] [K=16] [TMA=1] [SASS=out.sass] [HIST=start:end]
 
 HIST takes two hex addresses from the loop list (e.g. HIST=40a0:5c40 for a pass-B loop)."""
 import os
@@ -37,12 +37,14 @@ def main():
     opt = dict(a.split("=", 1) for a in sys.argv[1:])
     bm, bn, k = int(opt.get("BM", 64)), int(opt.get("BN", 64)), int(opt.get("K", 16))
     BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    sig = {"q_ptr": "*bf16", "keys_ptr": "*bf16", "scores_ptr": "*fp32", "ids_ptr": "*i64", "scratch_ptr": "*i64",
+    sig = {"q_ptr": "*bf16", "keys_ptr": "*bf16", "keys_desc": f"tensordesc<bf16[{max(k, bn)}, 64]>",
+           "scores_ptr": "*fp32", "ids_ptr": "*i64", "scratch_ptr": "*i64",
            "M": "i32", "n": "i32", "H": "i32"}
     groups = max(k, bn) if bm >= 64 else max(k, 32)  # as retrieval._fwd_config
     consts = dict(DK=128, DH_PAD=64, PER_HEAD=True, K=k, K_PAD=k, CAND=k, KP=k, GROUPS=groups, CAP=max(64, 2 * k),
                   BLOCK_M=bm, BLOCK_N=max(k, bn), EVEN_N=True, UPCAST=False, PRECISION="tf32", NATIVE=True,
-                  PREFIX_SLOTS=bm >= 64, FALLBACK=opt.get("FALLBACK", "1") == "1")
+                  PREFIX_SLOTS=bm >= 64, FALLBACK=opt.get("FALLBACK", "1") == "1",
+                  TMA=bm >= 64 and opt.get("TMA", "1") == "1")  # as retrieval._keys_descriptor on sm_90
     consts = {a: v for a, v in consts.items() if a in K.pk_topk_fwd_kernel.arg_names}
     missing = [a for a in K.pk_topk_fwd_kernel.arg_names if a not in sig and a not in consts]
     if missing:
@@ -58,7 +60,7 @@ def main():
     if opt.get("SASS"):
         open(opt["SASS"], "w").write(sass)
     print(f"BM={bm} BN={bn} K={k}:", " ".join(l.strip() for l in usage.splitlines() if "REG" in l),
-          "bar.sync", kern.asm["ptx"].count("bar.sync"))
+          "bar.sync", kern.asm["ptx"].count("bar.sync"), "shared (dynamic)", kern.metadata.shared)
     ins = [(int(m.group(1), 16), m.group(2).strip()) for m in
            (re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", l) for l in sass.splitlines()) if m]
     print("SASS instructions:", len(ins))

@@ -371,13 +371,20 @@ def _rank_survivors(scr_row_ptr, cnt, tile, W: tl.constexpr, KP: tl.constexpr, I
 
 @triton.jit
 def _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH: tl.constexpr, BLOCK_N: tl.constexpr,
-                EVEN_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                EVEN_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, keys_desc=None, desc_row=0,
+                TMA: tl.constexpr = False):
     """Scores of one tile of BLOCK_N sub-keys: q [BM, DH_PAD] . C[n0:n0+BLOCK_N]^T -> fp32.
     EVEN_N (n % BLOCK_N == 0) and DH == DH_PAD drop the masks that are all true (their
-    compares and selects were ~8% of the paper-config kernel's instructions, bench/NOTES.md)."""
+    compares and selects were ~8% of the paper-config kernel's instructions, bench/NOTES.md).
+    TMA (pk_topk_fwd_kernel's main path where EVEN_N and DH == DH_PAD): the tile comes by a
+    TMA load of rows desc_row + n0 .. of keys_desc (the sub-keys as [sets * 2 * n, DH])
+    instead of per-thread copies; the tensor cores then read it with no proxy fence per tile."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     ptrs = keys_ptr + offs_n[:, None].to(tl.int64) * DH + offs_d[None, :]
-    if EVEN_N:
+    if TMA:
+        n_mask = tl.full((BLOCK_N,), True, tl.int1)
+        c = keys_desc.load([desc_row + n0, 0])
+    elif EVEN_N:
         n_mask = tl.full((BLOCK_N,), True, tl.int1)
         if DH == offs_d.shape[0]:
             c = tl.load(ptrs)
@@ -438,9 +445,9 @@ PREFIX_BIAS = tl.constexpr(128)
 
 
 @triton.jit
-def _survivors_by_prefix(q, keys_ptr, scr_row_ptr, tau, n, offs_d, d_mask, DH: tl.constexpr, CAP: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
-                         PRECISION: tl.constexpr, NATIVE: tl.constexpr):
+def _survivors_by_prefix(q, keys_ptr, keys_desc, desc_row, scr_row_ptr, tau, n, offs_d, d_mask, DH: tl.constexpr,
+                         CAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+                         UPCAST: tl.constexpr, PRECISION: tl.constexpr, NATIVE: tl.constexpr, TMA: tl.constexpr):
     """Pass B for 64-row (wgmma) tiles: the scores s >= tau go to their row's scratch in
     column order; returns the survivors per row (counts past CAP are kept, slots past CAP
     not). A survivor's slot = survivors of its row in earlier tiles + in earlier columns of
@@ -469,7 +476,8 @@ def _survivors_by_prefix(q, keys_ptr, scr_row_ptr, tau, n, offs_d, d_mask, DH: t
     # scores does not see (bf16 has fp32's range: no overflow)
     tau_bf = tl.broadcast_to(tau.to(tl.bfloat16)[:, None], (BLOCK_M, BLOCK_N))
     for n0 in range(0, n, BLOCK_N):
-        s, offs_n, n_mask = _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH, BLOCK_N, EVEN_N, UPCAST, PRECISION)
+        s, offs_n, n_mask = _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH, BLOCK_N, EVEN_N, UPCAST, PRECISION,
+                                        keys_desc, desc_row, TMA)
         if not EVEN_N:  # NaN is never >= tau, also where tau is -inf (n < KP)
             s = tl.where(n_mask[None, :], s, float("nan"))
         if NATIVE:
@@ -504,10 +512,10 @@ def _survivors_by_atomics(q, keys_ptr, scr_row_ptr, cnt_row_ptr, tau, n, offs_d,
 
 @triton.jit
 def _half_topk(
-    q_row_ptr, keys_ptr, scr_row_ptr, cnt_row_ptr, offs_m, m_mask, n,
+    q_row_ptr, keys_ptr, keys_desc, desc_row, scr_row_ptr, cnt_row_ptr, offs_m, m_mask, n,
     DH: tl.constexpr, DH_PAD: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, CAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, PREFIX_SLOTS: tl.constexpr, NATIVE: tl.constexpr, QUAD: tl.constexpr,
+    PRECISION: tl.constexpr, PREFIX_SLOTS: tl.constexpr, NATIVE: tl.constexpr, QUAD: tl.constexpr, TMA: tl.constexpr,
 ):
     """Top-KP (packed, descending) of s = C q over all n sub-keys of one half, and 1 where
     the block needs the exact fallback (else 0).
@@ -532,7 +540,8 @@ def _half_topk(
     # pass A: group maxima; the NaN-propagating max leaves NaN in g where a score was NaN
     g = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)  # [BLOCK_M, BLOCK_N]
     for n0 in range(0, n, BLOCK_N):
-        s, offs_n, n_mask = _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH, BLOCK_N, EVEN_N, UPCAST, PRECISION)
+        s, offs_n, n_mask = _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH, BLOCK_N, EVEN_N, UPCAST, PRECISION,
+                                        keys_desc, desc_row, TMA)
         g = tl.maximum(g, tl.where(n_mask[None, :], s, float("-inf")), propagate_nan=tl.PropagateNan.ALL)
     nan = tl.max((g != g).to(tl.int32), axis=1)  # [BLOCK_M]
     if GROUPS == BLOCK_N:  # each column a group
@@ -548,8 +557,8 @@ def _half_topk(
     # pass B: the survivors s >= tau, appended to their row's scratch
     tau_m = tl.where(m_mask, tau, float("inf"))  # rows past M keep nothing (their s is 0 or NaN)
     if PREFIX_SLOTS:
-        tile = _survivors_by_prefix(q, keys_ptr, scr_row_ptr, tau_m, n, offs_d, d_mask, DH, CAP, BLOCK_M, BLOCK_N,
-                                    EVEN_N, UPCAST, PRECISION, NATIVE)
+        tile = _survivors_by_prefix(q, keys_ptr, keys_desc, desc_row, scr_row_ptr, tau_m, n, offs_d, d_mask, DH, CAP,
+                                    BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION, NATIVE, TMA)
         cnt = tl.max(tile, axis=1).to(tl.int32) - PREFIX_BIAS
     else:
         cnt = _survivors_by_atomics(q, keys_ptr, scr_row_ptr, cnt_row_ptr, tau_m, n, offs_d, d_mask, DH, CAP,
@@ -724,14 +733,17 @@ def _pair_topk_quad(best1, best2, n, K: tl.constexpr, CAND: tl.constexpr, KP: tl
 
 @triton.jit
 def pk_topk_fwd_kernel(
-    q_ptr, keys_ptr, scores_ptr, ids_ptr, scratch_ptr,
+    q_ptr, keys_ptr, keys_desc, scores_ptr, ids_ptr, scratch_ptr,
     M, n, H,
     DK: tl.constexpr, DH_PAD: tl.constexpr, PER_HEAD: tl.constexpr,
     K: tl.constexpr, K_PAD: tl.constexpr, CAND: tl.constexpr, KP: tl.constexpr,
     GROUPS: tl.constexpr, CAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, PREFIX_SLOTS: tl.constexpr, NATIVE: tl.constexpr, FALLBACK: tl.constexpr = True,
+    TMA: tl.constexpr = False,
 ):
+    """keys_desc: with TMA, a TMA descriptor of the sub-keys as [sets * 2 * n, DK // 2] with
+    [BLOCK_N, DK // 2] blocks, for the main path's score tiles (_score_tile); else unused."""
     DH: tl.constexpr = DK // 2
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -752,11 +764,13 @@ def pk_topk_fwd_kernel(
     # the paper config's 64-row programs on a GPU: the threshold, the ranking and the pair merge
     # run as inline-asm blocks on the wgmma register layout ("quad lists" above, _pair_round_asm)
     QUAD: tl.constexpr = NATIVE and PREFIX_SLOTS and BLOCK_M == 64 and BLOCK_N == 64 and GROUPS == 64 and KP == 16
-    best1, bad1 = _half_topk(q_row_ptr, kbase, scr_row_ptr, cnt_row_ptr, offs_m, m_mask, n, DH, DH_PAD, KP, GROUPS,
-                             CAP, BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION, PREFIX_SLOTS, NATIVE, QUAD)
-    best2, bad2 = _half_topk(q_row_ptr + DH, kbase + n * DH, scr_row_ptr, cnt_row_ptr + 1, offs_m, m_mask, n, DH,
-                             DH_PAD, KP, GROUPS, CAP, BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION, PREFIX_SLOTS,
-                             NATIVE, QUAD)
+    desc_row = h * (2 * n) if PER_HEAD else 0  # the first row of this head's sub-keys in keys_desc
+    best1, bad1 = _half_topk(q_row_ptr, kbase, keys_desc, desc_row, scr_row_ptr, cnt_row_ptr, offs_m, m_mask, n, DH,
+                             DH_PAD, KP, GROUPS, CAP, BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION, PREFIX_SLOTS, NATIVE,
+                             QUAD, TMA)
+    best2, bad2 = _half_topk(q_row_ptr + DH, kbase + n * DH, keys_desc, desc_row + n, scr_row_ptr, cnt_row_ptr + 1,
+                             offs_m, m_mask, n, DH, DH_PAD, KP, GROUPS, CAP, BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION,
+                             PREFIX_SLOTS, NATIVE, QUAD, TMA)
     # the exact fallback (FALLBACK=False, tests: never; the fast path alone must be exact on
     # random data), one copy for both halves in a loop: inlined in each half, its code made
     # ptxas spill in the main path's loops (H200, T = 4096: 0.1101 -> 0.1083 ms as here)

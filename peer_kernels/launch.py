@@ -10,7 +10,8 @@ host, Triton 3.6, median of 7 x 200 launches; the backward's launcher, 5 kernels
 How: the first launch of each specialization goes through Triton (which compiles and
 launches), and keeps the compiled kernel under a key that is at least as fine as Triton's
 own (`_spec`: per tensor its dtype and 16-byte alignment; per int its 1-, 16-divisibility and
-width; every other argument and every keyword by value; the current device). Later calls
+width; per TMA descriptor its dtype, block, padding and the specs of its shape and strides;
+every other argument and every keyword by value; the current device). Later calls
 with the same key call that kernel's launcher directly, as `JITFunction.run` itself does
 (`kernel.run(grid, stream, function, packed_metadata, launch_metadata, hooks, *all
 arguments)`, the same in Triton 3.6 to 3.9).
@@ -34,6 +35,11 @@ import os
 import torch
 from triton import knobs
 from triton.runtime.jit import JITFunction
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # an older Triton
+    TensorDescriptor = None
 
 __all__ = ["fast_launch", "FastLaunch"]
 
@@ -65,6 +71,9 @@ def _spec(x):
         return (x.dtype, x.data_ptr() % 16 == 0)
     if t is float:
         return float
+    if t is TensorDescriptor:  # the kernel is compiled for its dtype and block; its shape and strides are runtime ints
+        return (t, x.base.dtype, tuple(x.block_shape), tuple(map(_int_spec, x.shape)), tuple(map(_int_spec, x.strides)),
+                x.padding, getattr(x, "round_f32_to_tf32", False))
     return (t, x)  # bool, None, strings, dtypes: by value
 
 

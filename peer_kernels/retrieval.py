@@ -8,6 +8,8 @@ autograd.Function, eager.py) -> product_key_topk() -> PEER.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import reference
@@ -65,6 +67,42 @@ def _fwd_config(n: int, kp: int, dh: int = 64, upcast: bool = False, many_rows: 
 
 
 _SMS: dict = {}
+_TMA_DEVICES: dict = {}
+# When the forward's main path loads its sub-key tiles by TMA (_keys_descriptor): "graphs" (the
+# default: while a CUDA graph is being captured), "always" or "never". The TMA loads take
+# 1.8% less GPU time (H200, paper config, T = 4096: 0.1008 -> 0.0990 ms) but the descriptor
+# costs ~27-33 us more host time per launch (building it, and Triton encoding it at every
+# launch: _launch_fwd 54 -> 84 us), more than that saves wherever the launch is not captured
+# (an eager step is often bound by the host, README); a captured graph pays it once
+# (bench/NOTES.md). Both paths give the same scores and ids, bit for bit (tests).
+TMA = os.environ.get("PEER_KERNELS_TMA", "graphs")
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # an older Triton: no TMA loads
+    TensorDescriptor = None
+
+
+def _keys_descriptor(sub_keys: torch.Tensor, cfg: dict, upcast: bool):
+    """A TMA descriptor of the sub-keys as [sets * 2 * n, Dk/2] with [BLOCK_N, Dk/2] blocks for the
+    forward's main path (pk_topk_fwd_kernel's TMA: each score tile by one TMA load instead of
+    per-thread copies), or None where that path is not taken (TMA above) or does not apply:
+    not a Hopper (or newer) GPU, the interpreter, fp32 products, 16-row programs, a ragged
+    last tile (n % BLOCK_N) or a padded Dk/2, keys not contiguous or not 16-byte aligned."""
+    if TMA not in ("graphs", "always", "never"):
+        raise ValueError(f"PEER_KERNELS_TMA must be graphs, always or never, got {TMA!r}")
+    n, dh = sub_keys.shape[-2], sub_keys.shape[-1]
+    if (TMA == "never" or TensorDescriptor is None or interpreting() or upcast or cfg["BLOCK_M"] < 64
+            or n % cfg["BLOCK_N"] or dh != _pow2(dh, 16) or not sub_keys.is_contiguous() or sub_keys.data_ptr() % 16):
+        return None
+    if TMA == "graphs" and not torch.cuda.is_current_stream_capturing():
+        return None
+    idx = sub_keys.device.index if sub_keys.device.index is not None else torch.cuda.current_device()
+    if idx not in _TMA_DEVICES:
+        _TMA_DEVICES[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    if not _TMA_DEVICES[idx]:
+        return None
+    return TensorDescriptor.from_tensor(sub_keys.view(-1, dh), [cfg["BLOCK_N"], dh])
 
 
 def _many_rows(device: torch.device, m: int, heads: int) -> bool:
@@ -98,12 +136,14 @@ def _launch_fwd(query: torch.Tensor, sub_keys: torch.Tensor, k: int, candidates:
         # per row: CAP survivor slots (reused by the second half), then
         # the int32 survivor counters of both halves (16-row programs)
         scratch = torch.empty(grid[0] * heads * cfg["BLOCK_M"] * (cfg["CAP"] + 2), device=query.device, dtype=torch.int64)
+        desc = _keys_descriptor(sub_keys, cfg, upcast)
         fast_launch(kernels.pk_topk_fwd_kernel)[grid](
-            q, sub_keys, scores, ids, scratch, m, n, heads,
+            q, sub_keys, sub_keys if desc is None else desc, scores, ids, scratch, m, n, heads,
             DK=dk, DH_PAD=_pow2(dk // 2, 16), PER_HEAD=sub_keys.dim() == 4,
             K=k, K_PAD=_pow2(k, 2), CAND=candidates, KP=kp,
             EVEN_N=n % cfg["BLOCK_N"] == 0, UPCAST=upcast, PRECISION=precision,
-            PREFIX_SLOTS=cfg["BLOCK_M"] >= 64, NATIVE=not interpreting(), FALLBACK=fallback, **cfg,
+            PREFIX_SLOTS=cfg["BLOCK_M"] >= 64, NATIVE=not interpreting(), FALLBACK=fallback, TMA=desc is not None,
+            **cfg,
         )
     return scores.reshape(*query.shape[:-1], k), ids.reshape(*query.shape[:-1], k)
 

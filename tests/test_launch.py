@@ -39,6 +39,20 @@ def test_spec_separates_what_triton_specializes_on():
     assert launch._spec(2.0) == launch._spec(3.5)
 
 
+def test_spec_of_tma_descriptors():
+    """A TMA descriptor (the retrieval forward's sub-keys) is keyed by its dtype, block and
+    padding and the specs of its shape and strides, not by its address."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    a, b = torch.zeros(256, 64), torch.zeros(256, 64)
+    spec = launch._spec(TensorDescriptor.from_tensor(a, [64, 64]))
+    assert spec == launch._spec(TensorDescriptor.from_tensor(b, [64, 64]))
+    assert spec != launch._spec(TensorDescriptor.from_tensor(a, [32, 64]))  # block
+    assert spec != launch._spec(TensorDescriptor.from_tensor(a.half(), [64, 64]))  # dtype
+    assert spec != launch._spec(TensorDescriptor.from_tensor(torch.zeros(255, 64), [64, 64]))  # shape % 16
+    assert spec == launch._spec(TensorDescriptor.from_tensor(torch.zeros(272, 64), [64, 64]))
+
+
 def test_interpreter_takes_the_plain_launch(device):
     if device == "cuda":
         pytest.skip("the interpreter's path (CPU)")
@@ -123,6 +137,30 @@ def test_retrieval_launches_checked(monkeypatch, shared):
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
             assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_retrieval_tma_launch_checked(monkeypatch):
+    """The forward's TMA path (64-row programs, bf16, n % 64 == 0, on sm_90+) through the fast
+    launch: the descriptor's launches are checked against Triton's choice and equal the plain
+    launch's results."""
+    from peer_kernels import retrieval as R
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA loads need sm_90")
+    monkeypatch.setattr(launch, "CHECK", True)
+    monkeypatch.setattr(R, "TMA", "always")
+    gen = torch.Generator("cuda")
+    q = torch.randn(4096, 8, 128, device="cuda", generator=gen.manual_seed(1)).bfloat16()
+    keys = torch.randn(8, 2, 192, 64, device="cuda", generator=gen.manual_seed(2)).bfloat16()
+    cfg = R._fwd_config(192, 16, 64, False, R._many_rows(q.device, 4096, 8))
+    assert R._keys_descriptor(keys, cfg, False) is not None
+    outs = []
+    for enabled in (False, True, True):  # plain, fast (first: compiles), fast (cached)
+        monkeypatch.setattr(launch, "ENABLED", enabled)
+        outs.append(R._launch_fwd(q, keys, 16, 16))
+    for s, i in outs[1:]:
+        assert torch.equal(s, outs[0][0]) and torch.equal(i, outs[0][1])
 
 
 @pytest.mark.gpu

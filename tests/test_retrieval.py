@@ -493,6 +493,48 @@ def test_gpu_quad_lists_need_no_fallback(shared, t, cand, scale):
     assert (i == i_ref).float().mean() > 0.999
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("shared", [False, True])
+def test_gpu_tma_loads_match_pointer_loads(shared, monkeypatch):
+    """The forward's main path loads the sub-key tiles by TMA where it can
+    (retrieval._keys_descriptor: by default while a CUDA graph is captured); by pointers (eager
+    launches) it must give the same scores and ids bit for bit. Sub-keys that are not
+    16-byte aligned take the pointer loads and stay exact."""
+    from peer_kernels import retrieval as R
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA loads need sm_90")
+    q, keys = _inputs((4096,), 8, 1024, 128, shared, torch.bfloat16, torch.bfloat16, "cuda", seed=12)
+    cfg = R._fwd_config(1024, 16, 64, False, R._many_rows(q.device, 4096, 8))
+    assert R.TMA == "graphs" and R._keys_descriptor(keys, cfg, False) is None  # eager: pointers
+    s_ptr, i_ptr = R._launch_fwd(q, keys, 16, 16, fallback=False)
+    taken = []
+    spy = R._keys_descriptor
+    monkeypatch.setattr(R, "_keys_descriptor", lambda *a: taken.append(spy(*a)) or taken[-1])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        R._launch_fwd(q, keys, 16, 16, fallback=False)  # (warm-up outside the capture)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        s, i = R._launch_fwd(q, keys, 16, 16, fallback=False)
+    graph.replay()
+    assert taken[0] is None and taken[-1] is not None  # the capture took the TMA loads
+    assert torch.equal(s, s_ptr) and torch.equal(i, i_ptr)
+    monkeypatch.setattr(R, "TMA", "always")
+    s_tma, i_tma = R._launch_fwd(q, keys, 16, 16)
+    assert taken[-1] is not None and torch.equal(s_tma, s_ptr) and torch.equal(i_tma, i_ptr)
+    shifted = torch.empty(keys.numel() + 1, device="cuda", dtype=keys.dtype)[1:].view(keys.shape)
+    shifted.copy_(keys)
+    assert shifted.data_ptr() % 16 and spy(shifted, cfg, False) is None
+    s_sh, i_sh = pk.product_key_topk(q, shifted, 16)
+    assert torch.equal(s_sh, s_ptr) and torch.equal(i_sh, i_ptr)
+    monkeypatch.setattr(R, "TMA", "sometimes")
+    with pytest.raises(ValueError, match="PEER_KERNELS_TMA"):
+        R._launch_fwd(q, keys, 16, 16)
+
+
 def test_quad_lists_sorting_network():
     """The quad lists sort each thread's 8 values per row by the compare-exchange pairs of
     _batcher_pairs (descending: max to the lower index), and the threshold keeps the 8
