@@ -11,7 +11,11 @@ torch.compile and peer-pytorch, on the same inputs, in one run.
 First the device copy bandwidth is measured; then per case and size every backend and
 pass is warmed up once (compiles, autotuning) before any is timed. Each row: median ms
 with p20 / p80, useful bytes and GB/s, % of the copy bandwidth, TFLOP/s, peak memory
-beyond parameters and gradients (CUDA), speed-up of our rows over each peer. Output: a
+beyond parameters and gradients (CUDA), speed-up of our rows over each peer; on CUDA, our
+rows' forward and forward + backward also as `graph ms`, the same call replayed from a CUDA
+graph (the GPU's time without the host's: eager rows of small sizes measure the host,
+whose speed differs from machine to machine; a captured retrieval forward also takes its
+TMA loads, README). Output: a
 table on stdout, a JSON file (--json; default bench/out/suite_<device>_<date>.json) and
 PNG plots next to it (needs matplotlib, the `bench` extra). A failing row (e.g. out of
 memory) is recorded with its error and the suite goes on.
@@ -109,7 +113,8 @@ def _headline(rows, peers) -> list[str]:
                 cells.append("error" if r else "")
             else:
                 mem = f", +{r['peak_extra_mb']:.0f} MB" if r.get("peak_extra_mb") is not None else ""
-                cells.append(f"{r['ms']:.2f} ms{mem}")
+                graph = f" (CUDA graph {r['graph_ms']:.3f} ms)" if r.get("graph_ms") is not None else ""
+                cells.append(f"{r['ms']:.2f} ms{graph}{mem}")
         out.append(f"| {case} {cfg} {p} | " + " | ".join(cells) + " |")
     return out
 
@@ -175,6 +180,12 @@ def _run_config(cases, case, config, tags, backends, device, dtype, copy_gbps, r
                        tflops=flops / (t["ms"] * 1e-3) / 1e12, warmup_s=warm_s[item])
             row["pct_copy"] = 100 * row["gbps"] / copy_gbps
             row["peak_extra_mb"] = None if peak is None else peak / 2**20
+            if device == "cuda" and backend.startswith("triton") and pass_ != "bwd":
+                # our ops' GPU time without the host's: the same call replayed from a CUDA graph
+                # (the "bwd" pass re-runs a kept autograd graph, which a capture cannot take)
+                row["graph_ms"], graph_error = harness.graph_time_ms(runner.fn, runner.clear, rep_ms)
+                if graph_error:
+                    row["graph_error"] = graph_error
         except Exception as e:  # noqa: BLE001 - recorded as an error row, the suite goes on
             row.update(error=errors.get(item) or _error(e), ms=None)
         del runner

@@ -62,6 +62,7 @@ def test_smallest_suite_on_cpu_writes_every_case(suite):
             assert r[field] > 0, (r["key"], field)
         assert r["p20"] <= r["ms"] <= r["p80"]
         assert r["key"] == harness.row_key(r)
+        assert "graph_ms" not in r  # (CUDA only)
         if r["backend"] == "triton":
             assert set(r["speedup_over"]) == {p for p in ("torch", "peer-pytorch") if
                                               any(o["backend"] == p and o["case"] == r["case"] for o in rows)}
@@ -74,6 +75,22 @@ def test_smallest_suite_on_cpu_writes_every_case(suite):
             assert os.path.getsize(f"{stem}_{name}.png") > 0
     else:
         assert "plots skipped" in stdout
+
+
+@pytest.mark.gpu
+def test_graph_time_of_a_capturable_call_and_the_error_of_another():
+    """graph_ms: the GPU time of a call replayed from a CUDA graph; a call that syncs with the
+    host cannot be captured and gives its error instead (the suite goes on)."""
+    x = torch.randn(1 << 24, device="cuda")
+    ms, err = harness.graph_time_ms(lambda: x.mul_(1.0), rep_ms=20)
+    assert err is None and 0 < ms < 10
+    ms, err = harness.graph_time_ms(lambda: x.sum().item(), rep_ms=20)
+    assert ms is None and err
+    torch.cuda.synchronize()
+    assert torch.isfinite(x.sum())  # the context still works
+    lines = harness.format_rows([dict(case="c", config={"T": 1}, tags=[], backend="triton", **{"pass": "fwd"},
+                                      ms=1.0, p20=0.9, p80=1.1, graph_ms=0.5)], ())
+    assert "graph ms" in lines[2] and "0.500" in lines[3]
 
 
 def test_compare_flags_regressions(suite, tmp_path):
