@@ -16,7 +16,7 @@ from . import reference
 from .checks import cdiv, check_product_key_args, interpreting, next_pow2, resolve_backend
 from .csrc_triton import product_key_topk as kernels
 from .eager import eager_function, use_registered_op
-from .launch import fast_launch
+from .launch import TensorDescriptor, fast_launch  # (TensorDescriptor: None in an older Triton)
 from .segments import bitmap_bytes, bitmap_segments, new_bitmaps, sorted_segments
 
 __all__ = ["product_key_topk"]
@@ -77,23 +77,20 @@ _TMA_DEVICES: dict = {}
 # (bench/NOTES.md). Both paths give the same scores and ids, bit for bit (tests).
 TMA = os.environ.get("PEER_KERNELS_TMA", "graphs")
 
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # an older Triton: no TMA loads
-    TensorDescriptor = None
-
 
 def _keys_descriptor(sub_keys: torch.Tensor, cfg: dict, upcast: bool):
     """A TMA descriptor of the sub-keys as [sets * 2 * n, Dk/2] with [BLOCK_N, Dk/2] blocks for the
     forward's main path (pk_topk_fwd_kernel's TMA: each score tile by one TMA load instead of
     per-thread copies), or None where that path is not taken (TMA above) or does not apply:
-    not a Hopper (or newer) GPU, the interpreter, fp32 products, 16-row programs, a ragged
-    last tile (n % BLOCK_N) or a padded Dk/2, keys not contiguous or not 16-byte aligned."""
+    not a Hopper (or newer) GPU, the interpreter, fp32 products, 16-row programs, tiles of
+    other than 64 sub-keys (the measured and GPU-tested case; n <= 32 has smaller tiles), a
+    ragged last tile (n % 64) or a padded Dk/2, keys not contiguous or not 16-byte aligned."""
     if TMA not in ("graphs", "always", "never"):
         raise ValueError(f"PEER_KERNELS_TMA must be graphs, always or never, got {TMA!r}")
     n, dh = sub_keys.shape[-2], sub_keys.shape[-1]
     if (TMA == "never" or TensorDescriptor is None or interpreting() or upcast or cfg["BLOCK_M"] < 64
-            or n % cfg["BLOCK_N"] or dh != _pow2(dh, 16) or not sub_keys.is_contiguous() or sub_keys.data_ptr() % 16):
+            or cfg["BLOCK_N"] != 64 or n % 64 or dh != _pow2(dh, 16) or not sub_keys.is_contiguous()
+            or sub_keys.data_ptr() % 16):
         return None
     if TMA == "graphs" and not torch.cuda.is_current_stream_capturing():
         return None
