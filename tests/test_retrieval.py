@@ -1,5 +1,7 @@
 """product_key_topk: the Triton kernels (interpreter on CPU, real on GPU) against the
 reference and the brute force over all n*n keys, forward and both gradients."""
+import types
+
 import pytest
 import torch
 
@@ -126,7 +128,7 @@ def test_forward_config_64_rows_only_for_large_grids(monkeypatch):
     from peer_kernels import retrieval as R
 
     monkeypatch.setattr(R, "interpreting", lambda: False)
-    monkeypatch.setitem(R._SMS, 0, 132)
+    monkeypatch.setitem(R._PROPS, 0, types.SimpleNamespace(multi_processor_count=132, major=9))  # an H200
     cuda0 = torch.device("cuda", 0)
     assert R._many_rows(cuda0, 4096, 8) and R._many_rows(cuda0, 1024, 8) and R._many_rows(cuda0, 4096, 2)
     assert not R._many_rows(cuda0, 512, 8) and not R._many_rows(cuda0, 1536, 2)
