@@ -9,17 +9,19 @@ accumulation), in two passes over the tiles (`_half_topk`):
      lists below in 64-row programs on a GPU; lower with ties). KP groups hold an element
      >= tau, so the whole top KP is >= tau: an exact bound, not a guess.
   B. the scores again; the few >= tau (~18 at KP = 16, n = 1024 on random data) are
-     appended to a per-row scratch of CAP slots as raw score bits << 32 | (MAX_ID - id):
-     in 64-row programs at the slots that tensor-core prefix counts of the 0/1 survivor
-     tiles give (`_survivors_by_prefix`; on a GPU the 0/1 tiles come from bf16 compares,
-     so a few scores that round to tau may join), in 16-row programs at slots from a per-row
-     atomic counter (`_survivors_by_atomics`; the order of the slots does not change the
-     result). The top KP of those is taken by KP rounds of row maxima (or the quad lists)
-     over CAP / 2 values (CAP where a row of the block has more survivors) instead of over
-     all n.
-  A row with more than CAP survivors (ties, adversarial data), a NaN score or a register
-  layout the quad lists did not expect sends its block to the exact fallback: KP rounds
-  of row maxima per tile (`_half_topk_rounds`, both halves).
+     written to scratch as raw score bits << 32 | (MAX_ID - id): in the paper config's
+     64-row programs on a GPU (KP = 16, 64-sub-key tiles) each thread appends the survivors
+     of its columns to its own list, one per quad lane and row (`_survivors_by_lanes`, the
+     "lane lists" below); in other 64-row programs at the slots of a per-row list that
+     tensor-core prefix counts of the 0/1 survivor tiles give (`_survivors_by_prefix`; on a
+     GPU the 0/1 tiles come from bf16 compares, so a few scores that round to tau may join);
+     in 16-row programs at slots from a per-row atomic counter (`_survivors_by_atomics`; the
+     order of the slots does not change the result). The top KP of those is taken by KP
+     rounds of row maxima (or the quad lists) over CAP / 2 values (CAP where a row of the
+     block has more survivors) instead of over all n.
+  A row with more than CAP survivors (ties, adversarial data), a lane list past its
+  capacity, a NaN score or a register layout the asm blocks did not expect sends its block
+  to the exact fallback: KP rounds of row maxima per tile (`_half_topk_rounds`, both halves).
 Candidates are packed int64 (order-preserving score bits << 32 | MAX_ID - id: ties go
 to the lower id). Then the top K of the pair sums s_1[a] + s_2[b] of the candidates by a
 K-way merge of the sorted lists (s_1[a] + s_2[b], b = 0, 1, ...): K rounds of a row maximum
@@ -325,6 +327,153 @@ RANK_ASM = tl.constexpr(_quad_lists_asm(16))
 RANK_CONS = tl.constexpr(",".join(["=l"] * 16 + ["l"] * 16 + ["r"] * 32))
 
 
+# ---- per-lane survivor lists (pass B of the paper config's 64-row programs on a GPU) ---------
+# Each thread appends the survivors of its 16 columns of each of its two rows (A, B) to its own
+# list with a running count per row, LANE_CAP entries per row and quad lane, instead of taking
+# slots from prefix counts on the tensor cores (_survivors_by_prefix: per tile a 0/1 tile, two
+# more products and their waits; H200, T = 4096: 0.101 -> 0.083 ms, bench/NOTES.md). The lists
+# of a row are interleaved, entry j of lane t at slot 4 j + t, so that the lanes' first entries
+# share sectors. The counts carry their row and lane, (row << 20) | (lane << 16) | count, so
+# that the ranking's loads (_lane_gather_asm) can check that the appends saw the register order
+# they assume; a count past LANE_CAP - 4 sends the block to the exact fallback.
+LANE_CAP = tl.constexpr(24)
+
+
+def _lane_append_asm(cap: int) -> str:
+    """PTX of one pass-B tile per thread (pack = 32 on [64, 64] tiles): operands $0-31 out the
+    counts (int32, as above); in $32-63 the scores (fp32), $64-95 tau of their rows, $96-127
+    the scratch row base less row << 25 (int64, bytes: the count's row field times 32),
+    $128-159 the low words MAX_ID - id, $160-191 the counts. Assumed order A A B B per 4
+    elements (checked through the row carried in every count). Each score s >= tau goes to
+    [row base + lane * 8 + count * 32] (slot 4 count + lane) as {low, score bits}, and its row's
+    count grows; every 8 elements (4 of each row) a row whose count is past cap - 4 stops taking
+    survivors, so no count passes cap, and the ranking sends its block to the fallback."""
+    n = 32
+    S, TAU, BASE, LOW, CNT = n, 2 * n, 3 * n, 4 * n, 5 * n
+    lines = ["{", ".reg .pred p, okA, okB;",
+             ".reg .b32 lane, t, cA, cB, thA, thB, v, lo, hi, blA, bhA, blB, bhB;", ".reg .b64 off, a;",
+             "mov.u32 lane, %laneid;", "and.b32 lane, lane, 3;",
+             f"mul.wide.s32 off, lane, {8 - (1 << 21)};",  # lane * 8 less the lane field's (lane << 16) * 32
+             f"add.s64 a, ${BASE}, off;", "mov.b64 {blA, bhA}, a;", f"add.s64 a, ${BASE + 2}, off;",
+             "mov.b64 {blB, bhB}, a;",
+             "shl.b32 t, lane, 16;", f"or.b32 cA, ${CNT}, t;", f"or.b32 cB, ${CNT + 2}, t;",
+             "and.b32 thA, cA, 0xFFFF0000;", f"add.s32 thA, thA, {cap - 4};",
+             "and.b32 thB, cB, 0xFFFF0000;", f"add.s32 thB, thB, {cap - 4};"]
+    for i in range(n):
+        r = "A" if (i // 2) % 2 == 0 else "B"
+        if i % 8 == 0:
+            lines += ["setp.le.s32 okA, cA, thA;", "setp.le.s32 okB, cB, thB;"]
+        lines += [f"setp.ge.and.f32 p, ${S + i}, ${TAU + i}, ok{r};", f"shl.b32 v, c{r}, 5;",
+                  f"add.cc.u32 lo, bl{r}, v;", f"addc.u32 hi, bh{r}, 0;", "mov.b64 a, {lo, hi};",
+                  f"mov.b32 v, ${S + i};", f"@p st.global.v2.b32 [a], {{${LOW + i}, v}};", f"@p add.s32 c{r}, c{r}, 1;"]
+    lines += [f"mov.b32 ${i}, c{'A' if (i // 2) % 2 == 0 else 'B'};" for i in range(n)]
+    return "\n".join(lines + ["}"])
+
+
+def _lane_gather_asm(n_el: int, cap: int) -> str:
+    """PTX of the ranking's loads from the lane lists (pack = n_el = W / 2 on [64, W]): the
+    row's slots v = 0 .. W - 1 are its survivors in lane order (lane 0's list, then lane 1's,
+    ...), slot v read by the thread holding column v. Operands: $0.. out the raw entries
+    (int64, 0 where v >= the row's total), then out 1 where a check failed (else 0); in: the
+    scratch row base (int64), the counts XOR row << 20 (int32: (lane << 16) | count of the
+    thread's lane where the appends saw the assumed order), rows, columns, the row totals.
+    Checks: the quad layout (_layout_check), every count's lane and row, each lane's count
+    <= cap - 4 and the quad's total equal to the total given; no load unless they pass."""
+    n = n_el
+    BASE, CW, ROW, COL, TOT = 2 * n, 3 * n, 4 * n, 5 * n, 6 * n
+    regs = ", ".join(f"{x}{r}" for r in "AB" for x in ("P1", "P2", "P3", "tot", "d1", "d2", "d3"))
+    lines = ["{", ".reg .pred ok, p, q;", ".reg .b32 lane, ra, rb, t, t0, x, c, adj, idx;", f".reg .b32 {regs};",
+             ".reg .b64 a;"]
+    lines += _layout_check(n, ROW, COL)
+    for i in range(n):
+        lines += [f"shr.u32 x, ${CW + i}, 16;", "setp.eq.and.u32 ok, x, lane, ok;"]
+    for r, e in (("A", 0), ("B", 2)):  # the quad's counts: lane L's list holds slots P_L .. P_(L+1) - 1
+        lines += [f"and.b32 c, ${CW + e}, 0xFFFF;", f"setp.le.and.u32 ok, c, {cap - 4}, ok;",
+                  f"shfl.sync.idx.b32 P1{r}, c, 0, 0x1c1f, 0xffffffff;",
+                  "shfl.sync.idx.b32 x, c, 1, 0x1c1f, 0xffffffff;", f"add.s32 P2{r}, P1{r}, x;",
+                  "shfl.sync.idx.b32 x, c, 2, 0x1c1f, 0xffffffff;", f"add.s32 P3{r}, P2{r}, x;",
+                  "shfl.sync.idx.b32 x, c, 3, 0x1c1f, 0xffffffff;", f"add.s32 tot{r}, P3{r}, x;",
+                  f"setp.eq.and.s32 ok, tot{r}, ${TOT + e}, ok;",
+                  # slot 4 (v - P_L) + L of lane L's entry v - P_L: 4 v + d_L
+                  f"mul.lo.s32 d1{r}, P1{r}, -4;", f"add.s32 d1{r}, d1{r}, 1;",
+                  f"mul.lo.s32 d2{r}, P2{r}, -4;", f"add.s32 d2{r}, d2{r}, 2;",
+                  f"mul.lo.s32 d3{r}, P3{r}, -4;", f"add.s32 d3{r}, d3{r}, 3;"]
+    for i in range(n):
+        r = "A" if (i // 2) % 2 == 0 else "B"
+        v = f"${COL + i}"
+        lines += [f"setp.lt.and.s32 q, {v}, tot{r}, ok;",
+                  f"setp.ge.s32 p, {v}, P1{r};", f"selp.b32 adj, d1{r}, 0, p;",
+                  f"setp.ge.s32 p, {v}, P2{r};", f"selp.b32 adj, d2{r}, adj, p;",
+                  f"setp.ge.s32 p, {v}, P3{r};", f"selp.b32 adj, d3{r}, adj, p;",
+                  f"mad.lo.s32 idx, {v}, 4, adj;", f"mad.wide.s32 a, idx, 8, ${BASE + i};",
+                  f"mov.b64 ${i}, 0;", f"@q ld.global.b64 ${i}, [a];"]
+    lines += [f"selp.u32 ${n + i}, 0, 1, ok;" for i in range(n)]
+    return "\n".join(lines + ["}"])
+
+
+LANE_APPEND_ASM = tl.constexpr(_lane_append_asm(LANE_CAP.value))
+LANE_APPEND_CONS = tl.constexpr(",".join(["=r"] * 32 + ["f"] * 64 + ["l"] * 32 + ["r"] * 64))
+LANE_GATHER32_ASM = tl.constexpr(_lane_gather_asm(16, LANE_CAP.value))
+LANE_GATHER32_CONS = tl.constexpr(",".join(["=l"] * 16 + ["=r"] * 16 + ["l"] * 16 + ["r"] * 64))
+LANE_GATHER64_ASM = tl.constexpr(_lane_gather_asm(32, LANE_CAP.value))
+LANE_GATHER64_CONS = tl.constexpr(",".join(["=l"] * 32 + ["=r"] * 32 + ["l"] * 32 + ["r"] * 128))
+
+
+@triton.jit
+def _survivors_by_lanes(q, keys_ptr, keys_desc, desc_row, scr_row_ptr, tau, n, offs_d, d_mask, DH: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
+                        PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """Pass B by per-lane lists (above, _lane_append_asm): returns the counts [BLOCK_M, BLOCK_N]
+    int32, each element (row << 20) | (lane << 16) | the entries in its thread's list of its row."""
+    rows = tl.arange(0, BLOCK_M)
+    base = tl.broadcast_to((scr_row_ptr.to(tl.int64) - (rows.to(tl.int64) << 25))[:, None], (BLOCK_M, BLOCK_N))
+    taub = tl.broadcast_to(tau[:, None], (BLOCK_M, BLOCK_N))
+    cnt = tl.broadcast_to((rows << 20)[:, None], (BLOCK_M, BLOCK_N))
+    for n0 in range(0, n, BLOCK_N):
+        s, offs_n, n_mask = _score_tile(q, keys_ptr, n0, n, offs_d, d_mask, DH, BLOCK_N, EVEN_N, UPCAST, PRECISION,
+                                        keys_desc, desc_row, TMA)
+        if not EVEN_N:  # NaN is never >= tau
+            s = tl.where(n_mask[None, :], s, float("nan"))
+        low = tl.broadcast_to(16777216 - offs_n[None, :], (BLOCK_M, BLOCK_N))
+        cnt = tl.inline_asm_elementwise(LANE_APPEND_ASM, LANE_APPEND_CONS, [s, taub, base, low, cnt], dtype=tl.int32,
+                                        is_pure=False, pack=32)
+    return cnt
+
+
+@triton.jit
+def _rank_lane_lists(scr_row_ptr, cnt, total, W: tl.constexpr, KP: tl.constexpr):
+    """Top-KP (packed, descending) of the first min(total, W) survivors of each row in its lane
+    lists (cnt: _survivors_by_lanes' counts), and per row 1 where _lane_gather_asm's checks
+    failed (else 0). The loads take the layout of the counts (reshaped to [BM, W] as in
+    _rank_survivors); W = 32: the quad lists (RANK_ASM), W = 64: rounds of row maxima."""
+    BM: tl.constexpr = cnt.shape[0]
+    rows = tl.arange(0, BM)[:, None]
+    cw = cnt ^ (rows << 20)  # (lane << 16) | count where the row field is right, else >= 2^20
+    z = tl.where(cnt < -1, 1, 0)  # zeros (the counts are >= 0) in the counts' layout
+    if W < cnt.shape[1]:
+        z = tl.max(tl.reshape(z, (BM, cnt.shape[1] // W, W)), axis=1)  # [BM, W]
+        cw = tl.max(tl.reshape(cw, (BM, cnt.shape[1] // W, W)), axis=1)  # (a wrong row field stays >= 2^20)
+    slots = tl.arange(0, W)[None, :] + z
+    base = tl.broadcast_to(scr_row_ptr.to(tl.int64)[:, None], slots.shape)
+    tot = tl.broadcast_to(total[:, None], slots.shape)
+    if W == 32:
+        raw, fail = tl.inline_asm_elementwise(LANE_GATHER32_ASM, LANE_GATHER32_CONS, [base, cw, rows + z, slots, tot],
+                                              dtype=(tl.int64, tl.int32), is_pure=False, pack=16)
+    else:
+        raw, fail = tl.inline_asm_elementwise(LANE_GATHER64_ASM, LANE_GATHER64_CONS, [base, cw, rows + z, slots, tot],
+                                              dtype=(tl.int64, tl.int32), is_pure=False, pack=32)
+    used = slots < tot
+    score = (raw >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    packed = _pack_low(score, raw & 0xFFFFFFFF, used)  # the low word is MAX_ID - id already
+    if W == 32:
+        ranked = tl.inline_asm_elementwise(RANK_ASM, RANK_CONS, [packed, rows + z, slots], dtype=tl.int64, is_pure=True,
+                                           pack=16)
+        best = tl.max(tl.reshape(ranked, (BM, W // KP, KP)), axis=1)
+    else:
+        best = _top_rounds(packed, KP)
+    return best, tl.max(fail, axis=1)
+
+
 @triton.jit
 def _rank_survivors(scr_row_ptr, cnt, tile, W: tl.constexpr, KP: tl.constexpr, IN_TILE: tl.constexpr,
                     QUAD: tl.constexpr):
@@ -516,6 +665,7 @@ def _half_topk(
     DH: tl.constexpr, DH_PAD: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, CAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, PREFIX_SLOTS: tl.constexpr, NATIVE: tl.constexpr, QUAD: tl.constexpr, TMA: tl.constexpr,
+    LANES: tl.constexpr,
 ):
     """Top-KP (packed, descending) of s = C q over all n sub-keys of one half, and 1 where
     the block needs the exact fallback (else 0).
@@ -525,8 +675,9 @@ def _half_topk(
     tau = the KP-th largest group maximum: KP distinct groups hold an element >= tau, so
     every element of the top KP is >= tau (exact, not a heuristic).
     Pass B: the same scores again; the few elements >= tau (~1.3 KP on random data) are
-    written to scratch (scr_row_ptr, CAP slots per row; cnt_row_ptr: the row's int32
-    counter, used by 16-row programs) by `_survivors_by_prefix` (64 rows) or
+    written to scratch (scr_row_ptr: pk_topk_row_slots per row; cnt_row_ptr: the row's int32
+    counter, used by 16-row programs) by `_survivors_by_lanes` (LANES: the paper config's
+    64-row programs on a GPU), `_survivors_by_prefix` (other 64-row programs) or
     `_survivors_by_atomics` (16 rows), and ranked there.
     If a row has more than CAP survivors (ties, adversarial data) or a NaN score, or the
     quad lists found another register layout than they assume, the block needs the exact
@@ -556,7 +707,11 @@ def _half_topk(
         tau = _kth_largest_bound(gm, KP)  # [BLOCK_M]
     # pass B: the survivors s >= tau, appended to their row's scratch
     tau_m = tl.where(m_mask, tau, float("inf"))  # rows past M keep nothing (their s is 0 or NaN)
-    if PREFIX_SLOTS:
+    if LANES:
+        tile = _survivors_by_lanes(q, keys_ptr, keys_desc, desc_row, scr_row_ptr, tau_m, n, offs_d, d_mask, DH,
+                                   BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION, TMA)
+        cnt = tl.sum(tile & 0xFFFF, axis=1) // (BLOCK_N // 4)  # each lane's count stands in BLOCK_N / 4 elements
+    elif PREFIX_SLOTS:
         tile = _survivors_by_prefix(q, keys_ptr, keys_desc, desc_row, scr_row_ptr, tau_m, n, offs_d, d_mask, DH, CAP,
                                     BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION, NATIVE, TMA)
         cnt = tl.max(tile, axis=1).to(tl.int32) - PREFIX_BIAS
@@ -567,13 +722,19 @@ def _half_topk(
     tl.debug_barrier()
     # rank the survivors: over CAP // 2 slots when every row has that few (most blocks)
     IN_TILE: tl.constexpr = PREFIX_SLOTS and NATIVE and CAP <= BLOCK_N  # (W <= BLOCK_N)
-    if tl.max(tl.where(m_mask, cnt, 0), axis=0) <= CAP // 2:
+    fail = tl.zeros_like(cnt)  # (the lane lists' checks)
+    if LANES:
+        if tl.max(tl.where(m_mask, cnt, 0), axis=0) <= CAP // 2:
+            best, fail = _rank_lane_lists(scr_row_ptr, tile, cnt, CAP // 2, KP)  # [BLOCK_M, KP]
+        else:
+            best, fail = _rank_lane_lists(scr_row_ptr, tile, cnt, CAP, KP)
+    elif tl.max(tl.where(m_mask, cnt, 0), axis=0) <= CAP // 2:
         best = _rank_survivors(scr_row_ptr, cnt, tile, CAP // 2, KP, IN_TILE, QUAD)  # [BLOCK_M, KP]
     else:
         best = _rank_survivors(scr_row_ptr, cnt, tile, CAP, KP, IN_TILE, QUAD)
     tl.debug_barrier()  # the other half reuses the scratch
     need = tl.minimum(n, KP)
-    bad = tl.where(m_mask, (cnt > CAP) | (cnt < need), False) | (nan > 0)
+    bad = tl.where(m_mask, (cnt > CAP) | (cnt < need), False) | (nan > 0) | (fail > 0)
     if QUAD:  # the ranking's layout check (a tau mismatch left no survivors: cnt < need)
         bad = bad | (tl.max(best, axis=1) == LAYOUT_MISMATCH)
     return best, tl.max(bad.to(tl.int32), axis=0)
@@ -731,6 +892,18 @@ def _pair_topk_quad(best1, best2, n, K: tl.constexpr, CAND: tl.constexpr, KP: tl
     return pairs
 
 
+def pk_topk_lanes(native: bool, block_m: int, block_n: int, groups: int, kp: int) -> bool:
+    """Whether pk_topk_fwd_kernel's pass B appends to per-lane lists (its LANES): the paper
+    config's 64-row programs on a GPU, where the quad lists rank (the kernel's QUAD)."""
+    return native and block_m == 64 and block_n == 64 and groups == 64 and kp == 16
+
+
+def pk_topk_row_slots(lanes: bool, cap: int) -> int:
+    """int64 scratch slots per query row and head that pk_topk_fwd_kernel needs: the lane lists
+    (4 lanes x LANE_CAP), else CAP survivor slots and the 16-row programs' two counters."""
+    return 4 * LANE_CAP.value if lanes else cap + 2
+
+
 @triton.jit
 def pk_topk_fwd_kernel(
     q_ptr, keys_ptr, keys_desc, scores_ptr, ids_ptr, scratch_ptr,
@@ -740,7 +913,7 @@ def pk_topk_fwd_kernel(
     GROUPS: tl.constexpr, CAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, PREFIX_SLOTS: tl.constexpr, NATIVE: tl.constexpr, FALLBACK: tl.constexpr = True,
-    TMA: tl.constexpr = False,
+    TMA: tl.constexpr = False, LANES: tl.constexpr = False,
 ):
     """keys_desc: with TMA, a TMA descriptor of the sub-keys as [sets * 2 * n, DK // 2] with
     [BLOCK_N, DK // 2] blocks, for the main path's score tiles (_score_tile); else unused."""
@@ -751,7 +924,8 @@ def pk_topk_fwd_kernel(
     m_mask = offs_m < M
     row = offs_m.to(tl.int64) * H + h  # [BLOCK_M] row of (token, head)
     q_row_ptr = q_ptr + row * DK
-    scr_row_ptr = scratch_ptr + (pid_m.to(tl.int64) * H + h) * (BLOCK_M * (CAP + 2)) + tl.arange(0, BLOCK_M) * (CAP + 2)
+    ROW_SLOTS: tl.constexpr = 4 * LANE_CAP if LANES else CAP + 2  # scratch per row: pk_topk_row_slots
+    scr_row_ptr = scratch_ptr + (pid_m.to(tl.int64) * H + h) * (BLOCK_M * ROW_SLOTS) + tl.arange(0, BLOCK_M) * ROW_SLOTS
     cnt_row_ptr = (scr_row_ptr + CAP).to(tl.pointer_type(tl.int32), bitcast=True)  # survivor counters of the 2 halves
     if not PREFIX_SLOTS:
         tl.store(cnt_row_ptr, 0)
@@ -764,13 +938,14 @@ def pk_topk_fwd_kernel(
     # the paper config's 64-row programs on a GPU: the threshold, the ranking and the pair merge
     # run as inline-asm blocks on the wgmma register layout ("quad lists" above, _pair_round_asm)
     QUAD: tl.constexpr = NATIVE and PREFIX_SLOTS and BLOCK_M == 64 and BLOCK_N == 64 and GROUPS == 64 and KP == 16
+    tl.static_assert(QUAD or not LANES, "LANES needs the paper config's 64-row programs on a GPU (pk_topk_lanes)")
     desc_row = h * (2 * n) if PER_HEAD else 0  # the first row of this head's sub-keys in keys_desc
     best1, bad1 = _half_topk(q_row_ptr, kbase, keys_desc, desc_row, scr_row_ptr, cnt_row_ptr, offs_m, m_mask, n, DH,
                              DH_PAD, KP, GROUPS, CAP, BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION, PREFIX_SLOTS, NATIVE,
-                             QUAD, TMA)
+                             QUAD, TMA, LANES)
     best2, bad2 = _half_topk(q_row_ptr + DH, kbase + n * DH, keys_desc, desc_row + n, scr_row_ptr, cnt_row_ptr + 1,
                              offs_m, m_mask, n, DH, DH_PAD, KP, GROUPS, CAP, BLOCK_M, BLOCK_N, EVEN_N, UPCAST, PRECISION,
-                             PREFIX_SLOTS, NATIVE, QUAD, TMA)
+                             PREFIX_SLOTS, NATIVE, QUAD, TMA, LANES)
     # the exact fallback (FALLBACK=False, tests: never; the fast path alone must be exact on
     # random data), one copy for both halves in a loop: inlined in each half, its code made
     # ptxas spill in the main path's loops (H200, T = 4096: 0.1101 -> 0.1083 ms as here)

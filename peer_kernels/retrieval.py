@@ -77,14 +77,14 @@ def _props(device: torch.device):
     return _PROPS[idx]
 
 
-# When the forward's main path loads its sub-key tiles by TMA (_keys_descriptor): "graphs" (the
-# default: while a CUDA graph is being captured), "always" or "never". The TMA loads take
-# 1.8% less GPU time (H200, paper config, T = 4096: 0.1008 -> 0.0990 ms) but the descriptor
-# costs ~27-33 us more host time per launch (building it, and Triton encoding it at every
-# launch: _launch_fwd 54 -> 84 us), more than that saves wherever the launch is not captured
-# (an eager step is often bound by the host, README); a captured graph pays it once
-# (bench/NOTES.md). Both paths give the same scores and ids, bit for bit (tests).
-TMA = os.environ.get("PEER_KERNELS_TMA", "graphs")
+# When the forward's main path loads its sub-key tiles by TMA (_keys_descriptor): "never" (the
+# default), "graphs" (while a CUDA graph is being captured) or "always". With the lane lists the
+# pointer loads are the faster ones (H200, paper config, T = 4096: 0.0834 vs 0.0844 ms warm,
+# 0.0897 vs 0.0912 ms with a cold L2; with the tensor-core prefix slots before them the TMA loads
+# were 1.8% faster); the descriptor also costs ~27-33 us of host time per launch (building it,
+# and Triton encoding it at every launch), which a captured graph pays once (bench/NOTES.md).
+# Both paths give the same scores and ids, bit for bit (tests).
+TMA = os.environ.get("PEER_KERNELS_TMA", "never")
 
 
 def _keys_descriptor(sub_keys: torch.Tensor, cfg: dict, upcast: bool):
@@ -95,7 +95,7 @@ def _keys_descriptor(sub_keys: torch.Tensor, cfg: dict, upcast: bool):
     other than 64 sub-keys (the measured and GPU-tested case; n <= 32 has smaller tiles), a
     ragged last tile (n % 64) or a padded Dk/2, keys not contiguous or not 16-byte aligned."""
     if TMA not in ("graphs", "always", "never"):
-        raise ValueError(f"PEER_KERNELS_TMA must be graphs, always or never, got {TMA!r}")
+        raise ValueError(f"PEER_KERNELS_TMA must be never, graphs or always, got {TMA!r}")
     n, dh = sub_keys.shape[-2], sub_keys.shape[-1]
     if (TMA == "never" or TensorDescriptor is None or interpreting() or upcast or cfg["BLOCK_M"] < 64
             or cfg["BLOCK_N"] != 64 or n % 64 or dh != _pow2(dh, 16) or not sub_keys.is_contiguous()
@@ -133,16 +133,18 @@ def _launch_fwd(query: torch.Tensor, sub_keys: torch.Tensor, k: int, candidates:
         upcast, precision = _dot_config(query, sub_keys)
         cfg = _fwd_config(n, kp, dk // 2, upcast, _many_rows(query.device, m, heads))
         grid = (cdiv(m, cfg["BLOCK_M"]), heads)
-        # per row: CAP survivor slots (reused by the second half), then
-        # the int32 survivor counters of both halves (16-row programs)
-        scratch = torch.empty(grid[0] * heads * cfg["BLOCK_M"] * (cfg["CAP"] + 2), device=query.device, dtype=torch.int64)
+        # per row the survivors of a half (reused by the second half): the lane lists, or CAP
+        # slots and the int32 survivor counters of both halves (16-row programs)
+        lanes = kernels.pk_topk_lanes(not interpreting(), cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["GROUPS"], kp)
+        row_slots = kernels.pk_topk_row_slots(lanes, cfg["CAP"])
+        scratch = torch.empty(grid[0] * heads * cfg["BLOCK_M"] * row_slots, device=query.device, dtype=torch.int64)
         desc = _keys_descriptor(sub_keys, cfg, upcast)
         fast_launch(kernels.pk_topk_fwd_kernel)[grid](
             q, sub_keys, sub_keys if desc is None else desc, scores, ids, scratch, m, n, heads,
             DK=dk, DH_PAD=_pow2(dk // 2, 16), PER_HEAD=sub_keys.dim() == 4,
             K=k, K_PAD=_pow2(k, 2), CAND=candidates, KP=kp,
             EVEN_N=n % cfg["BLOCK_N"] == 0, UPCAST=upcast, PRECISION=precision,
-            PREFIX_SLOTS=cfg["BLOCK_M"] >= 64, NATIVE=not interpreting(), FALLBACK=fallback, TMA=desc is not None,
+            PREFIX_SLOTS=cfg["BLOCK_M"] >= 64, NATIVE=not interpreting(), FALLBACK=fallback, TMA=desc is not None, LANES=lanes,
             **cfg,
         )
     return scores.reshape(*query.shape[:-1], k), ids.reshape(*query.shape[:-1], k)

@@ -498,18 +498,20 @@ def test_gpu_quad_lists_need_no_fallback(shared, t, cand, scale):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shared", [False, True])
 def test_gpu_tma_loads_match_pointer_loads(shared, monkeypatch):
-    """The forward's main path loads the sub-key tiles by TMA where it can
-    (retrieval._keys_descriptor: by default while a CUDA graph is captured); by pointers (eager
-    launches) it must give the same scores and ids bit for bit. Sub-keys that are not
-    16-byte aligned take the pointer loads and stay exact."""
+    """The forward's main path can load the sub-key tiles by TMA (retrieval._keys_descriptor:
+    PEER_KERNELS_TMA=graphs while a CUDA graph is captured, always; the default never): it must
+    give the pointer loads' scores and ids bit for bit. Sub-keys that are not 16-byte aligned
+    take the pointer loads and stay exact."""
     from peer_kernels import retrieval as R
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA loads need sm_90")
     q, keys = _inputs((4096,), 8, 1024, 128, shared, torch.bfloat16, torch.bfloat16, "cuda", seed=12)
     cfg = R._fwd_config(1024, 16, 64, False, R._many_rows(q.device, 4096, 8))
-    assert R.TMA == "graphs" and R._keys_descriptor(keys, cfg, False) is None  # eager: pointers
+    assert R.TMA == "never" and R._keys_descriptor(keys, cfg, False) is None  # the default: pointers
     s_ptr, i_ptr = R._launch_fwd(q, keys, 16, 16, fallback=False)
+    monkeypatch.setattr(R, "TMA", "graphs")
+    assert R._keys_descriptor(keys, cfg, False) is None  # eager: pointers
     taken = []
     spy = R._keys_descriptor
     monkeypatch.setattr(R, "_keys_descriptor", lambda *a: taken.append(spy(*a)) or taken[-1])
@@ -564,30 +566,61 @@ def test_quad_lists_sorting_network():
     assert ptx.count("@!ok mov") == 16
 
 
-def _run_quad_ptx(ptx, operands):
-    """A CPU model of one inline-asm block run by the 4 threads of a quad, for the PTX that
-    _threshold_asm emits: operands[t] maps operand number -> value for thread t (fp32 values
-    as Python floats); returns each thread's outputs (the operands the block writes)."""
+def _run_quad_ptx(ptx, operands, memory=None):
+    """A CPU model of one inline-asm block run by the 4 threads of a quad, for the PTX that the
+    retrieval kernel's asm blocks emit (_threshold_asm, _lane_append_asm, _lane_gather_asm):
+    operands[t] maps operand number -> value for thread t (fp32 values as Python floats,
+    integers as Python ints); memory (address -> 32-bit word) is read and written by the
+    global loads and stores; returns each thread's outputs (the operands the block writes)."""
+    import re
     import struct
+
+    def bits(x):  # a 32-bit word (floats by their IEEE bits)
+        return struct.unpack("<I", struct.pack("<f", x))[0] if isinstance(x, float) else x & 0xFFFFFFFF
+
+    def s32(x):
+        x = bits(x)
+        return x - (1 << 32) if x >> 31 else x
+
+    def s64(x):
+        x &= (1 << 64) - 1
+        return x - (1 << 64) if x >> 63 else x
 
     lines = [ln.strip().rstrip(";") for ln in ptx.splitlines()]
     lines = [ln for ln in lines if ln and ln not in ("{", "}") and not ln.startswith(".reg")]
     regs = [dict() for _ in range(4)]
     out = [dict() for _ in range(4)]
+    carry = [0] * 4
 
     def val(t, x):
         if x.startswith("$"):
-            return operands[t][int(x[1:])]
+            return operands[t][int(x[1:])] if int(x[1:]) in operands[t] else out[t][int(x[1:])]
         if x.startswith("0f"):
             return struct.unpack(">f", bytes.fromhex(x[2:]))[0]
         if x.lstrip("-").isdigit() or x.startswith("0x"):
             return int(x, 0)
+        if x.startswith("{"):  # a register pair {lo, hi} as one 64-bit value
+            lo, hi = x[1:-1].split("|")
+            return bits(val(t, lo)) | bits(val(t, hi)) << 32
         return regs[t][x]
 
+    def write(t, dest, v):
+        if dest.startswith("{"):
+            lo, hi = dest[1:-1].split("|")
+            write(t, lo, v & 0xFFFFFFFF)
+            write(t, hi, (v >> 32) & 0xFFFFFFFF)
+        elif dest.startswith("$"):
+            out[t][int(dest[1:])] = v
+        else:
+            regs[t][dest] = v
+
+    cmp = {"eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "lt": lambda a, b: a < b,
+           "le": lambda a, b: a <= b, "gt": lambda a, b: a > b, "ge": lambda a, b: a >= b}
     for ln in lines:
         pred = None
         if ln.startswith("@"):
             pred, ln = ln.split(None, 1)
+        ln = re.sub(r"\{\s*([^,}]+?)\s*,\s*([^}]+?)\s*\}", r"{\1|\2}", ln)  # {a, b} -> one argument
         op, rest = ln.split(None, 1)
         args = [a.strip() for a in rest.split(",")]
         new = []
@@ -595,23 +628,60 @@ def _run_quad_ptx(ptx, operands):
             if pred is not None and regs[t][pred.lstrip("@!")] == pred.startswith("@!"):
                 new.append(None)
                 continue
+            if op == "st.global.v2.b32":
+                addr = val(t, args[0].strip("[]"))
+                lo, hi = args[1][1:-1].split("|")
+                memory[addr], memory[addr + 4] = bits(val(t, lo)), bits(val(t, hi))
+                new.append(None)
+                continue
+            if op == "ld.global.b64":
+                addr = val(t, args[1].strip("[]"))
+                new.append(memory[addr] | memory[addr + 4] << 32)
+                continue
             v = [val(t, a) if a != "%laneid" else t for a in args[1:]]
-            if op in ("mov.u32", "mov.b32", "mov.f32"):
+            parts = op.split(".")
+            if op in ("mov.u32", "mov.b32", "mov.f32", "mov.b64"):
                 r = v[0]
             elif op == "and.b32":
-                r = v[0] & v[1]
-            elif op == "setp.ne.s32":
-                r = v[0] != v[1]
-            elif op in ("setp.eq.u32", "setp.eq.s32"):
-                r = v[0] == v[1]
-            elif op == "setp.eq.and.s32":
-                r = v[0] == v[1] and v[2]
+                r = bits(v[0]) & bits(v[1])
+            elif op == "or.b32":
+                r = bits(v[0]) | bits(v[1])
+            elif op == "shl.b32":
+                r = (bits(v[0]) << v[1]) & 0xFFFFFFFF
+            elif op == "shr.u32":
+                r = bits(v[0]) >> v[1]
+            elif op in ("add.s32", "add.u32"):
+                r = bits(s32(v[0]) + s32(v[1]))
+            elif op == "sub.s32":
+                r = bits(s32(v[0]) - s32(v[1]))
+            elif op == "mul.lo.s32":
+                r = bits(s32(v[0]) * s32(v[1]))
+            elif op == "mad.lo.s32":
+                r = bits(s32(v[0]) * s32(v[1]) + s32(v[2]))
+            elif op == "mul.wide.s32":
+                r = s32(v[0]) * s32(v[1]) & ((1 << 64) - 1)
+            elif op == "mad.wide.s32":
+                r = (s32(v[0]) * s32(v[1]) + s64(v[2])) & ((1 << 64) - 1)
+            elif op == "add.s64":
+                r = (v[0] + v[1]) & ((1 << 64) - 1)
+            elif op == "add.cc.u32":
+                r = bits(v[0]) + bits(v[1])
+                carry[t] = r >> 32
+                r &= 0xFFFFFFFF
+            elif op == "addc.u32":
+                r = (bits(v[0]) + bits(v[1]) + carry[t]) & 0xFFFFFFFF
+            elif parts[0] == "setp":  # setp.<cmp>[.and].<type>
+                kind = parts[-1]
+                a_, b_ = (v[0], v[1]) if kind == "f32" else (s32(v[0]), s32(v[1])) if kind == "s32" else (bits(v[0]), bits(v[1]))
+                r = cmp[parts[1]](a_, b_)
+                if parts[2] == "and":
+                    r = r and v[2]
+            elif op in ("selp.f32", "selp.b32", "selp.u32"):
+                r = v[0] if v[2] else v[1]
             elif op == "max.f32":
                 r = max(v[0], v[1])
             elif op == "min.f32":
                 r = min(v[0], v[1])
-            elif op == "selp.f32":
-                r = v[0] if v[2] else v[1]
             elif op == "shfl.sync.bfly.b32":
                 assert args[3] == "0x1c1f", ln  # within the quad
                 r = val(t ^ v[1], args[1])
@@ -621,14 +691,11 @@ def _run_quad_ptx(ptx, operands):
             else:
                 raise AssertionError(f"the model does not know {op}")
             new.append(r)
-        dest = args[0]
+        if op == "st.global.v2.b32":
+            continue
         for t in range(4):  # all threads read before any writes (shuffles)
-            if new[t] is None:
-                continue
-            if dest.startswith("$"):
-                out[t][int(dest[1:])] = new[t]
-            else:
-                regs[t][dest] = new[t]
+            if new[t] is not None:
+                write(t, args[0], new[t])
     return out
 
 
@@ -668,6 +735,123 @@ def test_threshold_block_on_a_cpu_model():
     ops = [{32 + i: 1.0 for i in range(32)} | {64 + i: bad[t][i] for i in range(32)} for t in range(4)]
     out = _run_quad_ptx(ptx, ops)
     assert max(out[t][0] for t in range(4)) == float("inf")
+
+
+def test_lane_lists_on_a_cpu_model():
+    """_lane_append_asm and _lane_gather_asm run by the CPU model of a quad over 16 tiles: each
+    thread's survivors (s >= tau; not NaN) of its two rows land in its lane's list, entry j at
+    slot 4 j + lane of the row as {MAX_ID - id, score bits}, and its counts read
+    (row << 20) | (lane << 16) | count; a lane past cap - 4 takes no more (nothing written past
+    its cap). The gather's W = 32 and W = 64 slots then hold each survivor of the row once (0
+    past the total), and its checks fail for a lane past cap - 4, counts of another row or lane,
+    a wrong total or another register layout."""
+    import random
+    import struct
+
+    from peer_kernels.csrc_triton import product_key_topk as K
+
+    cap = K.LANE_CAP.value
+    append = K._lane_append_asm(cap)
+    row_a, row_b = 5, 13
+    rows = [row_a if (i // 2) % 2 == 0 else row_b for i in range(32)]
+    scr, row_bytes = 0x7F00_0000_0000, 4 * cap * 8
+
+    def f32bits(x):
+        return struct.unpack("<I", struct.pack("<f", x))[0]
+
+    def gather(n_el, counts, totals, edit=None):
+        ops = []
+        for t in range(4):
+            op = {}
+            for i in range(n_el):
+                r = rows[i]
+                op |= {2 * n_el + i: scr + r * row_bytes, 3 * n_el + i: (t << 16) | counts[r, t], 4 * n_el + i: r,
+                       5 * n_el + i: 8 * (i // 4) + 2 * t + i % 2, 6 * n_el + i: totals[r]}
+            ops.append(op)
+        if edit is not None:
+            edit(ops, n_el)
+        out = _run_quad_ptx(K._lane_gather_asm(n_el, cap), ops, memory)
+        got = {r: [] for r in (row_a, row_b)}
+        for t in range(4):
+            for i in range(n_el):
+                col = 8 * (i // 4) + 2 * t + i % 2
+                if col < totals[rows[i]]:
+                    got[rows[i]].append(out[t][i])
+                else:
+                    assert out[t][i] == 0
+        return got, [out[t][n_el + i] for t in range(4) for i in range(n_el)]
+
+    rng = random.Random(3)
+    overs = []
+    for case, p_keep in enumerate((0.01, 0.04, 0.06, 1.0)):
+        memory = {}
+        tau = {row_a: 0.5, row_b: -0.25}
+        cnt = [{i: rows[i] << 20 for i in range(32)} for _ in range(4)]
+        lists = {(r, t): [] for r in (row_a, row_b) for t in range(4)}
+        for tile in range(16):
+            ops = []
+            for t in range(4):
+                op = {}
+                for i in range(32):
+                    r, u = rows[i], rng.random()
+                    sc = float("nan") if u < 0.01 else tau[r] if u < 0.03 else (
+                        tau[r] + rng.random() if rng.random() < p_keep else tau[r] - 0.5 - rng.random())
+                    sc = struct.unpack("<f", struct.pack("<f", sc))[0]  # an fp32 value
+                    ident = 64 * tile + 8 * (i // 4) + 2 * t + i % 2
+                    op |= {32 + i: sc, 64 + i: tau[r], 96 + i: scr + r * row_bytes - (r << 25),
+                           128 + i: 16777216 - ident, 160 + i: cnt[t][i]}
+                    if i % 8 == 0:  # the block's capacity check, as its rows are at this point
+                        ok = {rr: len(lists[rr, t]) <= cap - 4 for rr in (row_a, row_b)}
+                    if sc >= tau[r] and ok[r]:
+                        lists[r, t].append((16777216 - ident) | f32bits(sc) << 32)
+                ops.append(op)
+            out = _run_quad_ptx(append, ops, memory)
+            for t in range(4):
+                for i in range(32):
+                    assert out[t][i] == (rows[i] << 20) | (t << 16) | len(lists[rows[i], t]), (case, tile, t, i)
+                cnt[t] = out[t]
+        counts = {(r, t): len(lists[r, t]) for r in (row_a, row_b) for t in range(4)}
+        assert max(counts.values()) <= cap
+        for (r, t), entries in lists.items():
+            for j, e in enumerate(entries):
+                a = scr + r * row_bytes + (4 * j + t) * 8
+                assert memory[a] | memory[a + 4] << 32 == e
+        written = sorted(memory)
+        assert all(any(scr + r * row_bytes <= a < scr + (r * row_bytes) + row_bytes for r in (row_a, row_b))
+                   for a in written)
+        totals = {r: sum(counts[r, t] for t in range(4)) for r in (row_a, row_b)}
+        over = max(counts.values()) > cap - 4
+        overs.append(over)
+        for n_el in (16, 32):
+            got, fail = gather(n_el, counts, totals)
+            if over:
+                assert max(fail) == 1
+                continue
+            assert max(fail) == 0
+            for r in (row_a, row_b):
+                expect = sorted(e for t in range(4) for e in lists[r, t])[: 2 * n_el]
+                assert totals[r] > 2 * n_el or sorted(got[r]) == expect, (case, n_el, r)
+        if over:
+            continue
+
+        def swap_rows(ops, n_el):  # thread 2 holds its rows in another order
+            ops[2][4 * n_el], ops[2][4 * n_el + 2] = row_b, row_a
+
+        def other_lane(ops, n_el):  # thread 1 given thread 0's counts
+            for i in range(n_el):
+                ops[1][3 * n_el + i] = ops[0][3 * n_el + i]
+
+        def other_row(ops, n_el):  # one count of another row (the append saw another layout)
+            ops[3][3 * n_el + 5] ^= 1 << 20
+
+        def wrong_total(ops, n_el):
+            for t in range(4):
+                for i in range(n_el):
+                    ops[t][6 * n_el + i] += 1
+
+        for edit in (swap_rows, other_lane, other_row, wrong_total):
+            assert max(gather(16, counts, totals, edit)[1]) == 1, edit.__name__
+    assert overs[0] is False and overs[1] is False and overs[3] is True, overs
 
 
 @pytest.mark.gpu
