@@ -14,8 +14,7 @@ with p20 / p80, useful bytes and GB/s, % of the copy bandwidth, TFLOP/s, peak me
 beyond parameters and gradients (CUDA), speed-up of our rows over each peer; on CUDA, our
 rows' forward and forward + backward also as `graph ms`, the same call replayed from a CUDA
 graph (the GPU's time without the host's: eager rows of small sizes measure the host,
-whose speed differs from machine to machine; a captured retrieval forward also takes its
-TMA loads, README). Output: a
+whose speed differs from machine to machine). Output: a
 table on stdout, a JSON file (--json; default bench/out/suite_<device>_<date>.json) and
 PNG plots next to it (needs matplotlib, the `bench` extra). A failing row (e.g. out of
 memory) is recorded with its error and the suite goes on.
