@@ -679,10 +679,11 @@ def _half_topk(
     counter, used by 16-row programs) by `_survivors_by_lanes` (LANES: the paper config's
     64-row programs on a GPU), `_survivors_by_prefix` (other 64-row programs) or
     `_survivors_by_atomics` (16 rows), and ranked there.
-    If a row has more than CAP survivors (ties, adversarial data) or a NaN score, or the
-    quad lists found another register layout than they assume, the block needs the exact
-    fallback, which pk_topk_fwd_kernel runs for both halves (one copy of its code: two
-    inlined here made ptxas spill in the main path's loops, bench/NOTES.md)."""
+    If a row has more than CAP survivors (ties, adversarial data), a lane list past its
+    capacity or a NaN score, or the asm blocks found another register layout than they
+    assume, the block needs the exact fallback, which pk_topk_fwd_kernel runs for both
+    halves (one copy of its code: two inlined here made ptxas spill in the main path's
+    loops, bench/NOTES.md)."""
     offs_d = tl.arange(0, DH_PAD)
     d_mask = offs_d < DH
     q = tl.load(q_row_ptr[:, None] + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)

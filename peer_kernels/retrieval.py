@@ -144,7 +144,8 @@ def _launch_fwd(query: torch.Tensor, sub_keys: torch.Tensor, k: int, candidates:
             DK=dk, DH_PAD=_pow2(dk // 2, 16), PER_HEAD=sub_keys.dim() == 4,
             K=k, K_PAD=_pow2(k, 2), CAND=candidates, KP=kp,
             EVEN_N=n % cfg["BLOCK_N"] == 0, UPCAST=upcast, PRECISION=precision,
-            PREFIX_SLOTS=cfg["BLOCK_M"] >= 64, NATIVE=not interpreting(), FALLBACK=fallback, TMA=desc is not None, LANES=lanes,
+            PREFIX_SLOTS=cfg["BLOCK_M"] >= 64, NATIVE=not interpreting(), FALLBACK=fallback, TMA=desc is not None,
+            LANES=lanes,
             **cfg,
         )
     return scores.reshape(*query.shape[:-1], k), ids.reshape(*query.shape[:-1], k)

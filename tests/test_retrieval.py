@@ -672,7 +672,8 @@ def _run_quad_ptx(ptx, operands, memory=None):
                 r = (bits(v[0]) + bits(v[1]) + carry[t]) & 0xFFFFFFFF
             elif parts[0] == "setp":  # setp.<cmp>[.and].<type>
                 kind = parts[-1]
-                a_, b_ = (v[0], v[1]) if kind == "f32" else (s32(v[0]), s32(v[1])) if kind == "s32" else (bits(v[0]), bits(v[1]))
+                conv = {"f32": lambda x: x, "s32": s32}.get(kind, bits)
+                a_, b_ = conv(v[0]), conv(v[1])
                 r = cmp[parts[1]](a_, b_)
                 if parts[2] == "and":
                     r = r and v[2]
