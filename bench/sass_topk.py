@@ -3,9 +3,11 @@
 instruction count, and optionally an opcode histogram of one address range. The counts
 predicted the H200 changes of bench/NOTES.md (sixth and seventh sessions).
 
-    python bench/sass_topk.py [BM=64] [BN=64] [K=16] [TMA=1] [LANES=1] [SASS=out.sass] [HIST=start:end]
+    python bench/sass_topk.py [BM=64] [BN=64] [K=16] [TMA=0] [LANES=1] [SASS=out.sass] [HIST=start:end]
 
-LANES=0 compiles pass B with the tensor-core prefix slots instead of the lane lists.
+TMA=1 compiles the TMA loads of the score tiles (PEER_KERNELS_TMA=graphs or always; the
+launcher's default is the pointer loads); LANES=0 compiles pass B with the tensor-core prefix
+slots instead of the lane lists.
 
 HIST takes two hex addresses from the loop list (e.g. HIST=40a0:5c40 for a pass-B loop)."""
 import os
@@ -46,7 +48,7 @@ def main():
     consts = dict(DK=128, DH_PAD=64, PER_HEAD=True, K=k, K_PAD=k, CAND=k, KP=k, GROUPS=groups, CAP=max(64, 2 * k),
                   BLOCK_M=bm, BLOCK_N=max(k, bn), EVEN_N=True, UPCAST=False, PRECISION="tf32", NATIVE=True,
                   PREFIX_SLOTS=bm >= 64, FALLBACK=opt.get("FALLBACK", "1") == "1",
-                  TMA=bm >= 64 and opt.get("TMA", "1") == "1",  # as retrieval._keys_descriptor on sm_90
+                  TMA=bm >= 64 and opt.get("TMA", "0") == "1",  # retrieval._keys_descriptor (default: never)
                   LANES=K.pk_topk_lanes(True, bm, max(k, bn), groups, k) and opt.get("LANES", "1") == "1")
     consts = {a: v for a, v in consts.items() if a in K.pk_topk_fwd_kernel.arg_names}
     missing = [a for a in K.pk_topk_fwd_kernel.arg_names if a not in sig and a not in consts]
