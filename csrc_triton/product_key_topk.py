@@ -420,6 +420,31 @@ LANE_GATHER64_CONS = tl.constexpr(",".join(["=l"] * 32 + ["=r"] * 32 + ["l"] * 3
 
 
 @triton.jit
+def _fold_to(x, W: tl.constexpr):
+    """[BM, N] -> [BM, W] (W divides N): the maximum of columns c, c + W, ...; each thread keeps
+    its own values, so on the wgmma layout the result keeps the quad layout the asm blocks
+    assume (column 8 j + 2 t + {0, 1} in thread t of the quad)."""
+    if W < x.shape[1]:
+        x = tl.max(tl.reshape(x, (x.shape[0], x.shape[1] // W, W)), axis=1)
+    return x
+
+
+@triton.jit
+def _rank_raw(raw, used, rows, slots, KP: tl.constexpr, QUAD_RANK: tl.constexpr):
+    """Top-KP (packed, descending) of the scratch entries raw [BM, W] (score bits << 32 | low)
+    where used: by the quad lists (RANK_ASM, W = 32, on the layout of rows and slots) where
+    QUAD_RANK, else by rounds of row maxima. The shared tail of _rank_survivors and
+    _rank_lane_lists."""
+    score = (raw >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    packed = _pack_low(score, raw & 0xFFFFFFFF, used)  # the low word is MAX_ID - id already
+    if QUAD_RANK:  # quad lists (above); the columns >= KP hold the minimum
+        ranked = tl.inline_asm_elementwise(RANK_ASM, RANK_CONS, [packed, rows, slots], dtype=tl.int64, is_pure=True,
+                                           pack=16)
+        return tl.max(tl.reshape(ranked, (ranked.shape[0], ranked.shape[1] // KP, KP)), axis=1)
+    return _top_rounds(packed, KP)
+
+
+@triton.jit
 def _survivors_by_lanes(q, keys_ptr, keys_desc, desc_row, scr_row_ptr, tau, n, offs_d, d_mask, DH: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
                         PRECISION: tl.constexpr, TMA: tl.constexpr):
@@ -446,13 +471,10 @@ def _rank_lane_lists(scr_row_ptr, cnt, total, W: tl.constexpr, KP: tl.constexpr)
     lists (cnt: _survivors_by_lanes' counts), and per row 1 where _lane_gather_asm's checks
     failed (else 0). The loads take the layout of the counts (reshaped to [BM, W] as in
     _rank_survivors); W = 32: the quad lists (RANK_ASM), W = 64: rounds of row maxima."""
-    BM: tl.constexpr = cnt.shape[0]
-    rows = tl.arange(0, BM)[:, None]
-    cw = cnt ^ (rows << 20)  # (lane << 16) | count where the row field is right, else >= 2^20
-    z = tl.where(cnt < -1, 1, 0)  # zeros (the counts are >= 0) in the counts' layout
-    if W < cnt.shape[1]:
-        z = tl.max(tl.reshape(z, (BM, cnt.shape[1] // W, W)), axis=1)  # [BM, W]
-        cw = tl.max(tl.reshape(cw, (BM, cnt.shape[1] // W, W)), axis=1)  # (a wrong row field stays >= 2^20)
+    rows = tl.arange(0, cnt.shape[0])[:, None]
+    # (lane << 16) | count where the row field is right, else >= 2^20 (also after the fold)
+    cw = _fold_to(cnt ^ (rows << 20), W)
+    z = _fold_to(tl.where(cnt < -1, 1, 0), W)  # zeros (the counts are >= 0) in the counts' layout, [BM, W]
     slots = tl.arange(0, W)[None, :] + z
     base = tl.broadcast_to(scr_row_ptr.to(tl.int64)[:, None], slots.shape)
     tot = tl.broadcast_to(total[:, None], slots.shape)
@@ -462,16 +484,7 @@ def _rank_lane_lists(scr_row_ptr, cnt, total, W: tl.constexpr, KP: tl.constexpr)
     else:
         raw, fail = tl.inline_asm_elementwise(LANE_GATHER64_ASM, LANE_GATHER64_CONS, [base, cw, rows + z, slots, tot],
                                               dtype=(tl.int64, tl.int32), is_pure=False, pack=32)
-    used = slots < tot
-    score = (raw >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    packed = _pack_low(score, raw & 0xFFFFFFFF, used)  # the low word is MAX_ID - id already
-    if W == 32:
-        ranked = tl.inline_asm_elementwise(RANK_ASM, RANK_CONS, [packed, rows + z, slots], dtype=tl.int64, is_pure=True,
-                                           pack=16)
-        best = tl.max(tl.reshape(ranked, (BM, W // KP, KP)), axis=1)
-    else:
-        best = _top_rounds(packed, KP)
-    return best, tl.max(fail, axis=1)
+    return _rank_raw(raw, slots < tot, rows + z, slots, KP, W == 32), tl.max(fail, axis=1)
 
 
 @triton.jit
@@ -487,9 +500,9 @@ def _rank_survivors(scr_row_ptr, cnt, tile, W: tl.constexpr, KP: tl.constexpr, I
     condition for the quad lists; with W = 32 the ranking is RANK_ASM, whose layout-mismatch
     value _half_topk checks under the same condition."""
     if IN_TILE:
-        z = tl.where(tile < -1.0, 1, 0)  # zeros (the counts are >= 0) in the tile's layout
-        z = tl.max(tl.reshape(z, (z.shape[0], z.shape[1] // W, W)), axis=1)  # [BM, W]
+        z = _fold_to(tl.where(tile < -1.0, 1, 0), W)  # zeros (the counts are >= 0) in the tile's layout, [BM, W]
         slots = tl.arange(0, W)[None, :] + z
+        rows = tl.arange(0, z.shape[0])[:, None] + z
         used = slots < cnt[:, None]
         raw = tl.inline_asm_elementwise(
             """{
@@ -508,14 +521,8 @@ def _rank_survivors(scr_row_ptr, cnt, tile, W: tl.constexpr, KP: tl.constexpr, I
         slots = tl.arange(0, W)[None, :]
         used = slots < cnt[:, None]
         raw = tl.load(scr_row_ptr[:, None] + slots, mask=used, other=0)  # [BLOCK_M, W]: bits << 32 | low
-    score = (raw >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    packed = _pack_low(score, raw & 0xFFFFFFFF, used)  # the low word is MAX_ID - id already
-    if IN_TILE and QUAD and W == 32:  # quad lists (above); the columns >= KP hold the minimum
-        rows = tl.arange(0, slots.shape[0])[:, None] + z
-        ranked = tl.inline_asm_elementwise(RANK_ASM, RANK_CONS, [packed, rows, slots], dtype=tl.int64, is_pure=True,
-                                           pack=16)
-        return tl.max(tl.reshape(ranked, (ranked.shape[0], W // KP, KP)), axis=1)
-    return _top_rounds(packed, KP)
+        rows = tl.arange(0, cnt.shape[0])[:, None]  # (the quad lists need IN_TILE)
+    return _rank_raw(raw, used, rows, slots, KP, IN_TILE and QUAD and W == 32)
 
 
 @triton.jit
@@ -723,13 +730,14 @@ def _half_topk(
     tl.debug_barrier()
     # rank the survivors: over CAP // 2 slots when every row has that few (most blocks)
     IN_TILE: tl.constexpr = PREFIX_SLOTS and NATIVE and CAP <= BLOCK_N  # (W <= BLOCK_N)
+    few = tl.max(tl.where(m_mask, cnt, 0), axis=0) <= CAP // 2
     fail = tl.zeros_like(cnt)  # (the lane lists' checks)
     if LANES:
-        if tl.max(tl.where(m_mask, cnt, 0), axis=0) <= CAP // 2:
+        if few:
             best, fail = _rank_lane_lists(scr_row_ptr, tile, cnt, CAP // 2, KP)  # [BLOCK_M, KP]
         else:
             best, fail = _rank_lane_lists(scr_row_ptr, tile, cnt, CAP, KP)
-    elif tl.max(tl.where(m_mask, cnt, 0), axis=0) <= CAP // 2:
+    elif few:
         best = _rank_survivors(scr_row_ptr, cnt, tile, CAP // 2, KP, IN_TILE, QUAD)  # [BLOCK_M, KP]
     else:
         best = _rank_survivors(scr_row_ptr, cnt, tile, CAP, KP, IN_TILE, QUAD)
